@@ -1,0 +1,29 @@
+"""Shared pytest set-up: opt-in slow tests and the real-data fixture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from utils import resolve_data_root
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Exhaustive checks (e.g. all 55 published supervoxel volumes) run only when asked for.
+    if os.environ.get("DIFD_SLOW_TESTS") == "1":
+        return
+    skip_slow = pytest.mark.skip(reason="slow check: set DIFD_SLOW_TESTS=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real preprocessed data (``../shared/data`` beside the checkout, or ``$DIFD_DATA_ROOT``)."""
+    try:
+        return resolve_data_root()
+    except FileNotFoundError as err:
+        pytest.skip(f"real data not available: {err}")

@@ -1,0 +1,87 @@
+"""Seeding, device resolution and data-root precedence (utils.py)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from utils import DATA_ROOT_ENV, resolve_data_root, resolve_device, set_seed
+
+
+def _draws() -> tuple[float, float, torch.Tensor]:
+    return random.random(), float(np.random.rand())  # noqa: NPY002 - set_seed must seed the legacy global state, torch.rand(5)
+
+
+def test_set_seed_reproduces_python_numpy_and_torch_draws():
+    set_seed(123)
+    first = _draws()
+    set_seed(123)
+    second = _draws()
+    assert first[0] == second[0]
+    assert first[1] == second[1]
+    torch.testing.assert_close(first[2], second[2], rtol=0, atol=0)
+    set_seed(124)
+    third = _draws()
+    assert third[0] != first[0] and third[1] != first[1]
+    assert not torch.equal(third[2], first[2])
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_sets_both_cudnn_flags(deterministic):
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        set_seed(0, deterministic=deterministic)
+        assert torch.backends.cudnn.deterministic is deterministic
+        assert torch.backends.cudnn.benchmark is (not deterministic)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
+def test_resolve_device_auto_and_cpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_resolve_device_errors():
+    with pytest.raises(ValueError, match="expected 'auto'"):
+        resolve_device("tpu-of-dreams")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_data_root_precedence(tmp_path, monkeypatch):
+    from_config = tmp_path / "config_root"
+    from_env = tmp_path / "env_root"
+    default = tmp_path / "default_root"
+    for path in (from_config, from_env, default):
+        path.mkdir()
+    monkeypatch.setattr(utils, "DEFAULT_DATA_ROOT", default)
+
+    monkeypatch.setenv(DATA_ROOT_ENV, str(from_env))
+    assert resolve_data_root(str(from_config)) == from_config
+    assert resolve_data_root(None) == from_env
+    assert resolve_data_root("") == from_env
+
+    monkeypatch.delenv(DATA_ROOT_ENV)
+    assert resolve_data_root(None) == default
+
+
+def test_data_root_missing_paths_are_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "DEFAULT_DATA_ROOT", tmp_path / "absent_default")
+    monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_data_root(None)
+    message = str(info.value)
+    assert "data_root" in message and DATA_ROOT_ENV in message and "absent_default" in message
+
+    with pytest.raises(FileNotFoundError, match="config key 'data_root'"):
+        resolve_data_root(str(tmp_path / "nope"))
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "also_nope"))
+    with pytest.raises(FileNotFoundError, match=DATA_ROOT_ENV):
+        resolve_data_root(None)
