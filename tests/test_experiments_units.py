@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +24,8 @@ from checkpoint import (
 )
 from metrics import confusion_counts, dice_iou
 from utils import set_seed
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class TestMetrics:
@@ -139,3 +145,68 @@ class TestSnapshots:
             load_model_weights(model, tmp_path / "wrong.pth")
         with pytest.raises(ValueError, match="resumable"):
             load_snapshot(tmp_path / "wrong.pth")
+
+
+def _fake_results(path, fold, liver, rk, config_setting=1):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    classes = {
+        "LIVER": {
+            "label": 1,
+            "dice": {"3": liver},
+            "iou": {"3": liver / 2},
+            "mean_dice": liver,
+            "mean_iou": 0.0,
+        },
+        "RK": {"label": 2, "dice": {"3": rk}, "iou": {"3": rk / 2}, "mean_dice": rk, "mean_iou": 0.0},
+    }
+    results = {
+        "dataset": "CHAOST2",
+        "eval_fold": fold,
+        "classes": classes,
+        "mean_dice": (liver + rk) / 2,
+        "mean_iou": 0.0,
+        "config": {"setting": config_setting},
+    }
+    path.write_text(json.dumps(results))
+    return path
+
+
+class TestSummarize:
+    def test_two_folds_give_the_expected_table(self, tmp_path):
+        root = tmp_path / "CHAOST2_setting1"
+        _fake_results(root / "fold0" / "test" / "1" / "results.json", 0, 0.80, 0.60)
+        _fake_results(root / "fold1" / "test" / "1" / "results.json", 1, 0.70, 0.90)
+        done = subprocess.run(
+            [sys.executable, str(REPO / "script" / "summarize.py"), str(root)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        expected_md = (
+            "**CHAOST2, setting 1** (Dice %, mean ± std over 2 fold(s))\n\n"
+            "| fold | LIVER | RK | mean |\n"
+            "|---|---:|---:|---:|\n"
+            "| 0 | 80.00 | 60.00 | 70.00 |\n"
+            "| 1 | 70.00 | 90.00 | 80.00 |\n"
+            "| **mean ± std** | 75.00 ± 5.00 | 75.00 ± 15.00 | 75.00 ± 5.00 |\n"
+        )
+        assert done.stdout == expected_md
+        assert (root / "summary.md").read_text() == expected_md
+        expected_csv = (
+            "fold,LIVER,RK,mean\n"
+            "0,80.000000,60.000000,70.000000\n"
+            "1,70.000000,90.000000,80.000000\n"
+            "mean,75.000000,75.000000,75.000000\n"
+            "std,5.000000,15.000000,5.000000\n"
+        )
+        assert (root / "summary.csv").read_text() == expected_csv
+
+    def test_duplicate_explicit_fold_is_an_error(self, tmp_path):
+        a = _fake_results(tmp_path / "a" / "results.json", 0, 0.8, 0.6)
+        b = _fake_results(tmp_path / "b" / "results.json", 0, 0.7, 0.9)
+        done = subprocess.run(
+            [sys.executable, str(REPO / "script" / "summarize.py"), str(a), str(b)],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode != 0 and "several results.json" in done.stderr
