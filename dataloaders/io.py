@@ -14,6 +14,7 @@ image's.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 from dataclasses import dataclass
@@ -160,11 +161,59 @@ def read_header(path: str | os.PathLike) -> tuple[tuple[int, int, int], Geometry
     return (int(size[2]), int(size[1]), int(size[0])), Geometry.from_image(reader)
 
 
+def _check_nifti_complete(path: Path) -> None:
+    """Raise ``ValueError`` if a NIfTI-1 file holds fewer bytes than its header promises.
+
+    SimpleITK zero-fills the missing voxels of a truncated ``.nii.gz`` without any error, so this compares
+    ``vox_offset + voxels * bitpix / 8`` with the gzip trailer's uncompressed size (or the file size of a
+    plain ``.nii``). Files that are not NIfTI-1 are left to SimpleITK.
+    """
+    gzipped = path.name.endswith(".gz")
+    try:
+        with gzip.open(path, "rb") if gzipped else path.open("rb") as stream:
+            header = stream.read(348)
+    except (OSError, EOFError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    if len(header) < 348:
+        raise ValueError(f"cannot read {path}: only {len(header)} bytes, a NIfTI header has 348")
+    for order in "<>":
+        if np.frombuffer(header, dtype=f"{order}i4", count=1)[0] == 348:
+            break
+    else:
+        return
+    dims = np.frombuffer(header, dtype=f"{order}i2", count=8, offset=40)
+    bitpix = int(np.frombuffer(header, dtype=f"{order}i2", count=1, offset=72)[0])
+    vox_offset = int(np.frombuffer(header, dtype=f"{order}f4", count=1, offset=108)[0])
+    n_dims = int(dims[0])
+    if not 1 <= n_dims <= 7 or bitpix <= 0:
+        return
+    expected = vox_offset + int(np.prod(dims[1 : n_dims + 1].astype(np.int64))) * bitpix // 8
+    if gzipped:
+        with path.open("rb") as raw:
+            raw.seek(-4, os.SEEK_END)
+            stored = int.from_bytes(raw.read(4), "little")  # ISIZE: uncompressed size modulo 2**32
+        if stored != expected % 2**32:
+            raise ValueError(
+                f"{path} is truncated or corrupt: its gzip stream ends after {stored} bytes (mod 2^32), "
+                f"the NIfTI header needs {expected}"
+            )
+    elif path.stat().st_size < expected:
+        raise ValueError(
+            f"{path} is truncated: {path.stat().st_size} bytes, the NIfTI header needs {expected}"
+        )
+
+
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
-    """Read a 3-D volume. Returns the ``(Z, H, W)`` array (stored dtype) and its geometry."""
+    """Read a 3-D volume. Returns the ``(Z, H, W)`` array (stored dtype) and its geometry.
+
+    A missing file raises ``FileNotFoundError``; an unreadable, truncated or non-3-D one ``ValueError``,
+    both naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"volume not found: {path}")
+    if path.name.endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
