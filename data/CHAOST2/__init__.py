@@ -1,0 +1,1 @@
+"""CHAOST2 preprocessing command (see preprocess.py)."""

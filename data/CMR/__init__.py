@@ -1,0 +1,1 @@
+"""CMR preprocessing command (see preprocess.py)."""

@@ -1,0 +1,1 @@
+"""SABS preprocessing command (see preprocess.py)."""
