@@ -1,0 +1,205 @@
+"""DIFD top model (spec 4): encoder → Dual Interspersion → Interactive Fusion Refinement → Flexible
+Deployment → fg/bg decoders, plus the prototype-alignment pass used by the training loss (spec 4.7).
+
+The parts are built elsewhere (``models/builder.py``) and injected, so tests can pass a tiny encoder.
+Parameter names follow the official module tree: ``encoder.*``, ``fuse.weight``, ``decoder1.*`` (foreground
+branch) and ``decoder2.*`` (background branch).
+
+Shape: ``supp_imgs (B, S, 3, H, W)``, ``supp_masks (B, S, H, W)`` in {0, 1}, ``qry_imgs (B, Q, 3, H, W)`` →
+``DIFDOutput`` with ``query_probs (B, Q, 2, H, W)`` ([bg, fg] probabilities), and, when alignment runs,
+``support_probs (B, S, 2, H, W)`` and ``align_valid (B,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from models.decoder import Decoder
+from models.dual_interspersion import MAP_EPS, DualInterspersion
+from models.flexible_deployment import FlexibleDeployment
+from models.fusion_refinement import InteractiveFusionRefinement
+
+MULTI_SHOT = ("official", "all")
+
+
+@dataclass
+class DIFDOutput:
+    """Model output.
+
+    ``query_probs (B, Q, 2, H, W)``: [bg, fg] probabilities of the queries.
+    ``support_probs (B, S, 2, H, W)`` or None: prototype-alignment predictions of the support slices (computed
+    for every episode, without a host synchronisation to find the skipped ones).
+    ``align_valid (B,)`` bool or None: False where the predicted query mask is empty; the official code skips
+    those episodes, and ``DIFDLoss`` gives them zero alignment loss.
+    """
+
+    query_probs: Tensor
+    support_probs: Tensor | None = None
+    align_valid: Tensor | None = None
+
+
+def _check_inputs(supp_imgs: Tensor, supp_masks: Tensor, qry_imgs: Tensor) -> None:
+    """Raise ``ValueError`` for wrong ranks, sizes, empty shot/query dimensions or non-binary masks."""
+    if supp_imgs.dim() != 5:
+        raise ValueError(f"supp_imgs: expected (B, S, 3, H, W), got shape {tuple(supp_imgs.shape)}")
+    if qry_imgs.dim() != 5:
+        raise ValueError(f"qry_imgs: expected (B, Q, 3, H, W), got shape {tuple(qry_imgs.shape)}")
+    if supp_masks.dim() != 4:
+        raise ValueError(f"supp_masks: expected (B, S, H, W), got shape {tuple(supp_masks.shape)}")
+    b, s, ch, h, w = supp_imgs.shape
+    if b == 0 or s == 0:
+        raise ValueError(
+            f"supp_imgs: need B ≥ 1 episodes and S ≥ 1 shots, got shape {tuple(supp_imgs.shape)}"
+        )
+    if qry_imgs.shape[0] != b or qry_imgs.shape[1] == 0:
+        raise ValueError(
+            f"qry_imgs: expected ({b}, Q ≥ 1, {ch}, {h}, {w}) to match supp_imgs, got {tuple(qry_imgs.shape)}"
+        )
+    if ch != 3 or qry_imgs.shape[2:] != supp_imgs.shape[2:]:
+        raise ValueError(
+            f"images: expected 3 channels and equal sizes, got supp_imgs {tuple(supp_imgs.shape)} "
+            f"and qry_imgs {tuple(qry_imgs.shape)}"
+        )
+    if h == 0 or w == 0:
+        raise ValueError(f"images: expected a non-empty H×W, got {h}×{w}")
+    if tuple(supp_masks.shape) != (b, s, h, w):
+        raise ValueError(f"supp_masks: expected shape {(b, s, h, w)}, got {tuple(supp_masks.shape)}")
+    if not (supp_imgs.is_floating_point() and qry_imgs.is_floating_point()):
+        raise ValueError(f"images: expected floating point, got {supp_imgs.dtype} and {qry_imgs.dtype}")
+    # One host synchronisation to validate the masks at the boundary.
+    if bool(((supp_masks != 0) & (supp_masks != 1)).any()):
+        raise ValueError("supp_masks: expected values in {0, 1}, found other values")
+
+
+class DIFD(nn.Module):
+    """Dual Interspersion and Flexible Deployment few-shot segmenter.
+
+    Args:
+        encoder: maps ``(N, 3, H, W)`` to ``((N, C, h, w), (N,))`` features and thresholds.
+        fuse: the IFR module (owns the 1×1 fuse convolution).
+        deployment: the FD module.
+        interspersion: the DI module.
+        decoder1: foreground decoder; decoder2: background decoder.
+        multi_shot: ``'official'`` (shot 0 alone feeds DI and the fusion factor) or ``'all'`` (basis sets of
+            all            shots concatenated, fusion factor over the support pixels of all shots).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        fuse: InteractiveFusionRefinement,
+        deployment: FlexibleDeployment,
+        interspersion: DualInterspersion,
+        decoder1: Decoder,
+        decoder2: Decoder,
+        multi_shot: str = "official",
+    ) -> None:
+        super().__init__()
+        if multi_shot not in MULTI_SHOT:
+            raise ValueError(f"multi_shot: expected one of {MULTI_SHOT}, got {multi_shot!r}")
+        self.encoder = encoder
+        self.fuse = fuse
+        self.deployment = deployment
+        self.interspersion = interspersion
+        self.decoder1 = decoder1
+        self.decoder2 = decoder2
+        self.multi_shot = multi_shot
+
+    def forward(
+        self, supp_imgs: Tensor, supp_masks: Tensor, qry_imgs: Tensor, align: bool | None = None
+    ) -> DIFDOutput:
+        """Segment the queries; with alignment (default: in training mode) also re-segment the supports.
+
+        Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)``, ``(B, Q, 3, H, W)`` → ``DIFDOutput``.
+        """
+        _check_inputs(supp_imgs, supp_masks, qry_imgs)
+        b, s, _, height, width = supp_imgs.shape
+        q = qry_imgs.shape[1]
+        # One encoder batch for supports and queries, as the official code (BatchNorm statistics in training).
+        feats, t = self.encoder(torch.cat([supp_imgs.flatten(0, 1), qry_imgs.flatten(0, 1)]))
+        supp_feats = feats[: b * s].unflatten(0, (b, s))
+        qry_feats = feats[b * s :].unflatten(0, (b, q))
+        t_supp = t[: b * s].view(b, s)[:, 0]  # support threshold = shot 0's
+        t_qry = t[b * s :].view(b, q)
+        masks = supp_masks.to(feats.dtype)
+        query_probs = self.segment(supp_feats, masks, qry_feats, t_qry, t_supp, (height, width))
+        if not (self.training if align is None else align):
+            return DIFDOutput(query_probs)
+
+        # Prototype alignment: the queries with their predicted masks become the support ("shots",
+        # PANet-style; query 0 alone with multi_shot='official'), each support slice becomes a query. The
+        # pseudo-mask threshold stays the query's (query 0's) and the deployment threshold the support's,
+        # as in the forward.
+        pred_masks = (query_probs[:, :, 1] > query_probs[:, :, 0]).to(feats.dtype)  # argmax, ties → bg
+        n_align = 1 if self.multi_shot == "official" else q
+        align_masks = pred_masks[:, :n_align]
+        align_valid = align_masks.flatten(1).any(1)
+        support_probs = self.segment(
+            qry_feats[:, :n_align],
+            align_masks,
+            supp_feats,
+            t_qry[:, :1].expand(b, s),
+            t_supp,
+            (height, width),
+        )
+        return DIFDOutput(query_probs, support_probs, align_valid)
+
+    def segment(
+        self,
+        support_feats: Tensor,
+        support_masks: Tensor,
+        query_feats: Tensor,
+        t_query: Tensor,
+        t_support: Tensor,
+        image_size: tuple[int, int],
+    ) -> Tensor:
+        """The head: DI on the support, IFR + FD per query, decoders, [bg, fg] softmax.
+
+        Shape: ``support_feats (B, S, C, h, w)``, ``support_masks (B, S, H, W)``,
+        ``query_feats (B, Q, C, h, w)``, ``t_query (B, Q)``, ``t_support (B,)`` → ``(B, Q, 2, H, W)``.
+        """
+        b, s, c, h, w = support_feats.shape
+        q = query_feats.shape[1]
+        n_di = 1 if self.multi_shot == "official" else s
+        di_feats = support_feats[:, :n_di]
+        di_masks = support_masks[:, :n_di]
+        up = F.interpolate(di_feats.flatten(0, 1), size=image_size, mode="bilinear", align_corners=True)
+        fg_on = support_masks.flatten(1).any(1)  # per episode over all shots, as the official code decides
+        sets = self.interspersion(up, di_masks.flatten(0, 1), fg_on.repeat_interleave(n_di))
+
+        if self.deployment.extra_maps:
+            proto_fg, proto_bg = self._global_prototypes(support_feats, support_masks, image_size)
+        else:
+            proto_fg = proto_bg = support_feats.new_zeros(b, c)  # only read with extra maps
+
+        branch_feats = []
+        for basis, valid, branch_masks, proto in (
+            (sets.fg, sets.fg_valid, di_masks, proto_fg),
+            (sets.bg, sets.bg_valid, 1 - di_masks, proto_bg),
+        ):
+            basis = basis.view(b, -1, c)  # shots' sets side by side ('all') or shot 0's
+            valid = valid.view(b, -1)
+            refined = self.fuse(basis, query_feats, t_query, di_feats, branch_masks)
+            branch_feats.append(self.deployment(refined, valid, query_feats, t_support, proto).flatten(0, 1))
+        fg_logits = self.decoder1(branch_feats[0])
+        bg_logits = self.decoder2(branch_feats[1])
+        logits = torch.cat([bg_logits, fg_logits], 1)
+        logits = F.interpolate(logits, size=image_size, mode="bilinear", align_corners=True)
+        return torch.softmax(logits, dim=1).view(b, q, 2, *image_size)
+
+    @staticmethod
+    def _global_prototypes(
+        support_feats: Tensor, support_masks: Tensor, image_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """MAP fg/bg prototypes averaged over shots (spec 4.2). Shape: ``(B, S, C, h, w)``, ``(B, S, H, W)`` →
+        ``(B, C)``, ``(B, C)``."""
+        up = F.interpolate(support_feats.flatten(0, 1), size=image_size, mode="bilinear", align_corners=True)
+        up = up.unflatten(0, support_feats.shape[:2])  # (B, S, C, H, W)
+        fg = support_masks.unsqueeze(2)
+        proto_fg = (up * fg).sum((3, 4)) / (fg.sum((3, 4)) + MAP_EPS)
+        proto_bg = (up * (1 - fg)).sum((3, 4)) / ((1 - fg).sum((3, 4)) + MAP_EPS)
+        return proto_fg.mean(1), proto_bg.mean(1)

@@ -1,0 +1,150 @@
+"""ResNet-101 encoder of DIFD (spec 4.1): query/support features and the per-image threshold ``t``.
+
+Shape: images ``(N, 3, H, W)`` → features ``F = reduce1(layer3(x))`` ``(N, 512, h, w)`` with ``h = H/4``
+(layer2 and layer3 dilated), and ``t = reduce1d(fc(avgpool(layer4(x))))`` ``(N,)``.
+
+Parameter names follow the official module tree (``backbone.{conv1,bn1,layer1..layer4,fc}``, ``reduce1``,
+``reduce2``, ``reduce1d``) so official checkpoints load unchanged. ``reduce2`` (2048 → 512 on layer4) is
+computed and discarded by the official code: the parameter is kept for checkpoint compatibility, the compute
+is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+#: Pretrained checkpoint kinds and the prefix their trunk keys carry.
+PRETRAINED_PREFIXES = {"deeplabv3": "backbone.", "resnet101": ""}
+
+FEATURE_CHANNELS = 512
+
+
+@dataclass
+class PretrainedReport:
+    """What a pretrained checkpoint contributed: tensors loaded, and the encoder tensors left random."""
+
+    kind: str
+    path: str
+    loaded: int
+    total: int
+    random: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+class Res101Encoder(nn.Module):
+    """ResNet-101 trunk with dilated layer2/layer3, ``reduce1`` features and the threshold head.
+
+    Args:
+        pretrained_weights: ``None`` (random initialisation, with a warning), ``'deeplabv3'`` (COCO DeepLabV3
+            checkpoint, ``backbone.``-prefixed keys) or ``'resnet101'`` (ImageNet checkpoint, unprefixed
+            keys).
+        pretrained_path: local checkpoint file for the chosen kind (required unless ``pretrained_weights`` is
+            ``None``).
+
+    Shape:
+        forward: ``(N, 3, H, W)`` → ``((N, 512, h, w), (N,))``.
+    """
+
+    def __init__(
+        self, pretrained_weights: str | None = None, pretrained_path: str | Path | None = None
+    ) -> None:
+        super().__init__()
+        trunk = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[True, True, False])
+        self.backbone = nn.ModuleDict(dict(trunk.named_children()))
+        self.reduce1 = nn.Conv2d(1024, FEATURE_CHANNELS, kernel_size=1, bias=False)
+        self.reduce2 = nn.Conv2d(2048, FEATURE_CHANNELS, kernel_size=1, bias=False)
+        self.reduce1d = nn.Linear(1000, 1, bias=True)
+        self._init_weights()
+        self.pretrained_report = self._load_pretrained(pretrained_weights, pretrained_path)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _load_pretrained(self, kind: str | None, path: str | Path | None) -> PretrainedReport | None:
+        if kind is None:
+            warnings.warn(
+                "Res101Encoder: no pretrained weights requested; the encoder is randomly initialised",
+                stacklevel=3,
+            )
+            return None
+        if kind not in PRETRAINED_PREFIXES:
+            raise ValueError(f"pretrained_weights: expected None, 'deeplabv3' or 'resnet101', got {kind!r}")
+        if path is None:
+            raise ValueError(
+                f"pretrained_weights={kind!r} needs pretrained_path (a local checkpoint file), got None"
+            )
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained checkpoint for {kind!r} not found: {path}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, Mapping):
+            raise ValueError(
+                f"pretrained checkpoint {path}: expected a state dict, found {type(checkpoint).__name__}"
+            )
+        prefix = PRETRAINED_PREFIXES[kind]
+        own = self.state_dict()
+        updated: dict[str, Tensor] = {}
+        ignored = []
+        for key, value in checkpoint.items():
+            if not key.startswith(prefix):
+                ignored.append(key)
+                continue
+            target = "backbone." + key[len(prefix) :]
+            if target not in own:
+                ignored.append(key)
+                continue
+            if own[target].shape != value.shape:
+                raise ValueError(
+                    f"pretrained checkpoint {path}: {key} has shape {tuple(value.shape)}, "
+                    f"the encoder expects {tuple(own[target].shape)}"
+                )
+            updated[target] = value
+        if not updated:
+            raise ValueError(
+                f"pretrained checkpoint {path}: no tensor matches the ResNet-101 encoder for kind {kind!r} "
+                f"(expected keys like '{prefix}conv1.weight')"
+            )
+        self.load_state_dict(updated, strict=False)
+        report = PretrainedReport(
+            kind=kind,
+            path=str(path),
+            loaded=len(updated),
+            total=len(own),
+            random=sorted(k for k in own if k not in updated),
+            ignored=ignored,
+        )
+        logger.info(
+            "Res101Encoder: loaded %d of %d tensors from %s (%s); %d stayed random: %s",
+            report.loaded,
+            report.total,
+            path,
+            kind,
+            len(report.random),
+            ", ".join(report.random),
+        )
+        return report
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode a batch of images. Shape: ``(N, 3, H, W)`` → ``((N, 512, h, w), (N,))``."""
+        b = self.backbone
+        x = b["maxpool"](b["relu"](b["bn1"](b["conv1"](x))))
+        x = b["layer3"](b["layer2"](b["layer1"](x)))
+        features = self.reduce1(x)
+        x = b["layer4"](x)
+        t = self.reduce1d(b["fc"](torch.flatten(b["avgpool"](x), 1)))
+        return features, t.squeeze(1)
