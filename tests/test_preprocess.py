@@ -21,6 +21,7 @@ from data.CHAOST2 import preprocess as chaos
 from data.CMR import preprocess as cmr
 from data.preprocessing import centre_crop_or_pad, crop_or_pad_inplane, resample_label, resampled_size
 from data.SABS import preprocess as sabs
+from dataloaders.io import list_cases, read_case
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -441,3 +442,24 @@ def test_resample_label_rounds_each_value_on_the_image_grid():
     # x = 2k lies on input voxel k; between labels 1 and 2 both masks are 0.5 and round to 0 (half to even)
     np.testing.assert_array_equal(row, [0, 0, 0, 0, 1, 1, 1, 0, 2, 2, 2, 0, 0, 0, 0, 0, 0])
     assert not sitk.GetArrayFromImage(out)[-1].any()  # the extra slice lies outside the input
+
+
+# ------------------------------------------------------------------------------------------ loader round trip
+def test_outputs_are_read_by_the_loaders(tmp_path: Path):
+    root = tmp_path / "root"
+    _write_chaos_case(tmp_path / "chaos", case_id=5)
+    chaos.main(["--input", str(tmp_path / "chaos"), "--output", str(root / "CHAOST2")])
+    _write_cmr_case(tmp_path / "cmr", 7)
+    cmr.main(["--input", str(tmp_path / "cmr"), "--output", str(root / "CMR")])
+    _write_sabs_case(tmp_path / "sabs", 3, depth=2)
+    sabs.main(["--input", str(tmp_path / "sabs"), "--output", str(root / "SABS")])
+    for dataset, case_id, classes in (
+        ("CHAOST2", 5, {0, 1, 2, 4}),
+        ("CMR", 7, {0, 1, 2, 3}),
+        ("SABS", 0, {0, 6, 13}),
+    ):
+        (case,) = list_cases(dataset, root)
+        volume = read_case(case, dataset)
+        assert volume.case_id == case_id
+        assert set(np.unique(volume.label).tolist()) == classes
+        assert volume.image.shape == volume.label.shape
