@@ -1,0 +1,106 @@
+"""Evaluation protocol steps of spec section 5 used by ``test.py``: batched prediction of a query volume,
+scoring, and the saved outputs (NIfTI prediction with the query's geometry, PNG overlay).
+
+Prediction of one query volume: its labelled slices are split into ``n_part`` chunks; chunk ``k`` is
+predicted with support slice ``k`` in ONE forward pass holding all the chunk's slices as queries
+(``Q = end - start``; the model treats the queries independently). The ``[bg, fg]`` probabilities are
+upsampled bilinearly to the native ``H x W`` when the model ran at another size, then the argmax is taken.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataloaders.io import Geometry, write_volume
+
+#: Overlay colours (BGR, as OpenCV writes them): ground truth green, prediction red.
+GT_COLOUR = (0, 255, 0)
+PRED_COLOUR = (0, 0, 255)
+
+
+@torch.inference_mode()
+def predict_query_volume(
+    model: nn.Module,
+    support: dict[str, torch.Tensor],
+    query: dict[str, object],
+    device: torch.device,
+) -> torch.Tensor:
+    """Binary prediction of a query volume's labelled slices (spec section 5, steps 3-4).
+
+    Args:
+        support: ``imgs (n_part, 3, h, w)`` and ``masks (n_part, h, w)`` (``TestDataset.support()``).
+        query: ``imgs (Zc, 3, h, w)``, ``labels (Zc, H, W)``, ``chunks`` and ``chunk_support``
+            (``TestDataset[i]``).
+
+    Returns:
+        ``(Zc, H, W)`` int64 {0, 1} on the CPU, at the labels' (native) resolution.
+    """
+    imgs = query["imgs"]
+    native_hw = tuple(query["labels"].shape[-2:])
+    pred = torch.zeros((imgs.shape[0], *native_hw), dtype=torch.int64)
+    for (start, end), k in zip(query["chunks"], query["chunk_support"], strict=True):
+        if end <= start:
+            continue
+        supp_imgs = support["imgs"][k : k + 1].unsqueeze(0).to(device)  # (1, 1, 3, h, w)
+        supp_masks = support["masks"][k : k + 1].unsqueeze(0).to(device)  # (1, 1, h, w)
+        qry_imgs = imgs[start:end].unsqueeze(0).to(device)  # (1, Q, 3, h, w)
+        probs = model(supp_imgs, supp_masks, qry_imgs).query_probs[0]  # (Q, 2, h, w)
+        if tuple(probs.shape[-2:]) != native_hw:
+            probs = F.interpolate(probs.float(), size=native_hw, mode="bilinear", align_corners=False)
+        pred[start:end] = probs.argmax(dim=1).cpu()
+    return pred
+
+
+def save_prediction_nifti(
+    pred: torch.Tensor | np.ndarray,
+    slice_indices: torch.Tensor | np.ndarray,
+    native_shape: tuple[int, int, int],
+    geometry: Geometry,
+    path: str | os.PathLike,
+) -> Path:
+    """Write a ``(Z, H, W)`` uint8 volume: the ``(Zc, H, W)`` prediction at ``slice_indices``, 0 elsewhere,
+    with the query volume's spacing, origin and direction."""
+    pred = np.asarray(pred, dtype=np.uint8)
+    slice_indices = np.asarray(slice_indices, dtype=np.int64)
+    if pred.shape != (len(slice_indices), *native_shape[1:]):
+        raise ValueError(
+            f"prediction shape {pred.shape} does not match {len(slice_indices)} slices of {native_shape[1:]}"
+        )
+    volume = np.zeros(native_shape, dtype=np.uint8)
+    volume[slice_indices] = pred
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_volume(volume, geometry, path)
+    return path
+
+
+def save_overlay(
+    image: np.ndarray, gt: np.ndarray, pred: np.ndarray, path: str | os.PathLike, scale: int = 2
+) -> Path:
+    """PNG of one slice: the image in grey (1st-99th percentile window), the ground-truth outline in green
+    and the prediction outline in red. Shapes: ``image``, ``gt``, ``pred`` ``(H, W)``."""
+    if not image.shape == gt.shape == pred.shape or image.ndim != 2:
+        raise ValueError(
+            f"save_overlay: expected three (H, W) arrays, got {image.shape}, {gt.shape}, {pred.shape}"
+        )
+    low, high = np.percentile(image, [1, 99])
+    grey = np.clip((image.astype(np.float32) - low) / max(float(high - low), 1e-6), 0, 1)
+    canvas = cv2.cvtColor((grey * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    size = (image.shape[1] * scale, image.shape[0] * scale)
+    canvas = cv2.resize(canvas, size, interpolation=cv2.INTER_NEAREST)
+    for mask, colour in ((gt, GT_COLOUR), (pred, PRED_COLOUR)):
+        big = cv2.resize(np.asarray(mask, dtype=np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(canvas, contours, -1, colour, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), canvas):
+        raise OSError(f"could not write {path}")
+    return path
