@@ -24,9 +24,9 @@ Steps per case:
 4. Linear resampling to (1.25, 1.25, 7.70) mm with the spec's size rule; labels per value.
 5. Centre crop/pad to 256 x 256 (image minimum / label 0), origin moved accordingly.
 
-Idempotent: every selected case is recomputed and its files overwritten; equal inputs give byte-identical
-outputs. Errors: missing folders, a series with missing slices, PNGs whose count or size does not match
-the series, grey values outside the table.
+Idempotent: every selected case is recomputed and its two files overwritten (other files in the output folder
+are left alone); equal inputs give byte-identical outputs. Errors: missing folders, a series with missing
+slices, PNGs whose count or size does not match the series, grey values outside the table.
 """
 
 from __future__ import annotations
@@ -119,8 +119,12 @@ def read_dicom_series(dicom_dir: Path) -> tuple[sitk.Image, np.ndarray]:
     gaps = np.diff(np.asarray(positions)[order])
     if gaps.size:
         median = float(np.median(gaps))
+        if median <= 0:
+            raise ValueError(
+                f"{dicom_dir}: expected slices at distinct positions, found several at one position"
+            )
         bad = np.flatnonzero(np.abs(gaps - median) > SLICE_GAP_TOLERANCE * median)
-        if median <= 0 or bad.size:
+        if bad.size:
             raise ValueError(
                 f"{dicom_dir}: expected evenly spaced slices ({median:.3f} mm apart), found gaps of "
                 f"{np.round(gaps[bad], 3).tolist()} mm after files {[files[order[i]].name for i in bad]} "

@@ -18,9 +18,9 @@ read identically by a loader that maps 200/500/600 to 1/2/3 and leaves 1/2/3 alo
 masks are the same because both orders of values agree. Raw labels may already hold 1/2/3 (then kept), but
 not a mix of both codings.
 
-Idempotent: every selected case is recomputed and its files overwritten; equal inputs give byte-identical
-outputs. Errors: missing input folder, image without label (or the reverse), size mismatch, unknown label
-values.
+Idempotent: every selected case is recomputed and its two files overwritten (other files in the output folder
+are left alone); equal inputs give byte-identical outputs. Errors: missing input folder, image without label
+(or the reverse), size mismatch, unknown label values.
 """
 
 from __future__ import annotations

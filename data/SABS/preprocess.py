@@ -19,9 +19,9 @@ Geometry is carried through every step: unlike the published copies (origin 0, i
 outputs keep the raw direction and an origin moved by the 32-voxel cut, so each voxel keeps its physical
 position. Labels must hold integers 0..13.
 
-Idempotent: every selected case is recomputed and its files overwritten; equal inputs give byte-identical
-outputs. Errors: missing input folder, image without label (or the reverse), size mismatch, unknown label
-values.
+Idempotent: every selected case is recomputed and its two files overwritten (other files in the output folder
+are left alone); equal inputs give byte-identical outputs. Errors: missing input folder, image without label
+(or the reverse), size mismatch, unknown label values.
 """
 
 from __future__ import annotations
