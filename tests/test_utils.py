@@ -13,7 +13,8 @@ from utils import DATA_ROOT_ENV, resolve_data_root, resolve_device, set_seed
 
 
 def _draws() -> tuple[float, float, torch.Tensor]:
-    return random.random(), float(np.random.rand())  # noqa: NPY002 - set_seed must seed the legacy global state, torch.rand(5)
+    # set_seed must also seed NumPy's legacy global state, which third-party code draws from.
+    return random.random(), float(np.random.rand()), torch.rand(5)  # noqa: NPY002
 
 
 def test_set_seed_reproduces_python_numpy_and_torch_draws():
