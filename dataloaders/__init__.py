@@ -24,7 +24,7 @@ from .io import (
     write_volume,
 )
 from .test_dataset import TestDataset, chunk_bounds, support_slice_indices
-from .train_dataset import TrainDataset
+from .train_dataset import TrainDataset, worker_init_fn
 
 __all__ = [
     "DATASETS",
@@ -51,5 +51,6 @@ __all__ = [
     "sample_gamma",
     "sample_geometry",
     "support_slice_indices",
+    "worker_init_fn",
     "write_volume",
 ]

@@ -12,6 +12,7 @@ the volumes keep the sorted-position order, so the ``supp_idx``-th volume of fol
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -71,11 +72,15 @@ class DatasetInfo:
 
     def fold(self, eval_fold: int) -> tuple[int, ...]:
         """Positions of fold ``eval_fold`` (sorted)."""
-        if not isinstance(eval_fold, int) or not 0 <= eval_fold < self.n_folds:
+        try:
+            index = -1 if isinstance(eval_fold, bool) else operator.index(eval_fold)
+        except TypeError:
+            index = -1
+        if not 0 <= index < self.n_folds:
             raise ValueError(
                 f"{self.name}: eval_fold must be an int in 0..{self.n_folds - 1}, got {eval_fold!r}"
             )
-        return self.folds[eval_fold]
+        return self.folds[index]
 
     def class_name(self, value: int) -> str:
         """Report name of class ``value`` (``'BG'`` for 0)."""

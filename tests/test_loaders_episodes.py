@@ -9,7 +9,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataloaders import DATASETS, TestDataset, TrainDataset, list_cases, normalize_volume, read_case
+from dataloaders import (
+    DATASETS,
+    TestDataset,
+    TrainDataset,
+    list_cases,
+    normalize_volume,
+    read_case,
+    worker_init_fn,
+)
 from tests.loader_fixtures import SHAPE, SYN, make_root, synthetic_case
 
 
@@ -125,7 +133,7 @@ def test_same_seed_same_episodes_regardless_of_workers(syn_root: Path) -> None:
         for key in ("supp_imgs", "supp_masks", "qry_imgs", "qry_labels", "slice_indices"):
             assert torch.equal(direct[i][key], second[i][key])
     assert any(not torch.equal(direct[i]["qry_imgs"], other[i]["qry_imgs"]) for i in range(8))
-    batches = list(DataLoader(second, batch_size=2, num_workers=2))
+    batches = list(DataLoader(second, batch_size=2, num_workers=2, worker_init_fn=worker_init_fn))
     for b, batch in enumerate(batches):
         for j in range(2):
             assert torch.equal(batch["qry_imgs"][j], direct[2 * b + j]["qry_imgs"])
