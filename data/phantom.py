@@ -45,12 +45,12 @@ DIRECTION = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 # Tissue codes of the piecewise-constant tissue map; the label map is derived from them.
 AIR, BODY, SUBCUT, SKIN, MUSCLE, VERTEBRA, CANAL, AORTA, IVC = range(9)
 STOMACH, STOMACH_WALL, GALLBLADDER, BOWEL0, BOWEL1, BOWEL2, BOWEL3 = range(9, 16)
-LIVER, LIVER_VESSEL, RK, LK, SPLEEN, RENAL_SINUS = range(16, 22)
-N_TISSUES = 22
+LIVER, LIVER_VESSEL, RK, LK, SPLEEN, RENAL_SINUS, RK_MEDULLA, LK_MEDULLA = range(16, 24)
+N_TISSUES = 24
 _TISSUE_LABEL = np.zeros(N_TISSUES, dtype=np.float64)
 _TISSUE_LABEL[[LIVER, LIVER_VESSEL]] = LABELS["LIVER"]
-_TISSUE_LABEL[RK] = LABELS["RK"]
-_TISSUE_LABEL[LK] = LABELS["LK"]
+_TISSUE_LABEL[[RK, RK_MEDULLA]] = LABELS["RK"]
+_TISSUE_LABEL[[LK, LK_MEDULLA]] = LABELS["LK"]
 _TISSUE_LABEL[SPLEEN] = LABELS["SPLEEN"]
 
 
@@ -166,6 +166,8 @@ def _tissue_means(rng: np.random.Generator) -> np.ndarray:
     means[LK] = kidney * rng.uniform(0.95, 1.05)
     means[SPLEEN] = rng.uniform(580, 780)
     means[RENAL_SINUS] = rng.uniform(150, 260)
+    # Renal medulla is brighter than the cortex on T2 (corticomedullary differentiation).
+    means[[RK_MEDULLA, LK_MEDULLA]] = means[[RK, LK]] * rng.uniform(1.1, 1.3)
     return means
 
 
@@ -278,12 +280,15 @@ def make_phantom_case(
     paint(draw(spleen) & ~draw(notch) & inner, SPLEEN)
 
     # Kidneys: posterior, either side of the spine, with a medial hilum (renal sinus, not labelled kidney).
-    for code, side, zc in ((RK, -1.0, 0.42), (LK, 1.0, 0.47)):
+    for code, medulla, side, zc in ((RK, RK_MEDULLA, -1.0, 0.42), (LK, LK_MEDULLA, 1.0, 0.47)):
         kid = organ(side * 0.36, -0.40, 0.04, 0.05, 18, 24, zc, 0.2, 0.2, side * 0.5, 0.08)
         sinus = dict(kid, cx=kid["cx"] - side * kid["rx"] * 0.8, rx=kid["rx"] * 0.35, ry=kid["ry"] * 0.3,
                      harmonics=np.empty((0, 2)))
         paint(draw(kid) & inner, code)
-        paint(draw(sinus) & (tissue == code), RENAL_SINUS)
+        medulla_shape = dict(kid, cx=kid["cx"] - side * kid["rx"] * 0.2, rx=kid["rx"] * 0.55,
+                             ry=kid["ry"] * 0.6, harmonics=_harmonics(rng, 4, 0.3))
+        paint(draw(medulla_shape) & (tissue == code), medulla)
+        paint(draw(sinus) & ((tissue == code) | (tissue == medulla)), RENAL_SINUS)
 
     # Spine (present on every slice): paraspinal muscles, vertebral body, spinal canal; great vessels.
     ones = np.ones_like(t)
@@ -305,13 +310,13 @@ def make_phantom_case(
 
     # Image formation: tissue means, smooth texture, partial volume, bias field, Rician noise, clipping.
     means = _tissue_means(rng)
-    texture_amp = np.full(N_TISSUES, rng.uniform(0.06, 0.12))
+    texture_amp = np.full(N_TISSUES, rng.uniform(0.08, 0.15))
     texture_amp[AIR] = 0.0
     px = size / REFERENCE_SIZE  # reference pixels -> voxels
     coarse = _smooth_noise(rng, shape, (0.8, 6 * px, 6 * px))
     fine = _smooth_noise(rng, shape, (0.4, 1.5 * px, 1.5 * px))
     image = means[tissue] * (1.0 + texture_amp[tissue] * (0.7 * coarse + 0.5 * fine))
-    image = gaussian_filter(image, sigma=(0.3, 0.7 * px, 0.7 * px), mode="nearest")
+    image = gaussian_filter(image, sigma=(0.3, 1.0 * px, 1.0 * px), mode="nearest")
     # Smooth multiplicative bias field: exp of a random low-order polynomial (about +-25 %).
     u = (grid.x - 128) / 128
     v = (grid.y - 128) / 128
@@ -319,7 +324,7 @@ def make_phantom_case(
     c = rng.uniform(-1, 1, size=7) * np.array([0.15, 0.15, 0.1, 0.08, 0.08, 0.06, 0.1])
     bias = np.exp(c[0] * u + c[1] * v + c[2] * w + c[3] * u * v + c[4] * u * u + c[5] * v * v + c[6] * u * w)
     image = image * bias
-    sigma_noise = rng.uniform(8, 16)
+    sigma_noise = rng.uniform(10, 20)
     image = np.sqrt((image + sigma_noise * rng.standard_normal(shape)) ** 2
                     + (sigma_noise * rng.standard_normal(shape)) ** 2)
     # Preprocessing of CHAOST2 clips the top 0.5 % of the histogram.
