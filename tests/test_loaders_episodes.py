@@ -58,6 +58,22 @@ def test_episode_shapes_and_binary_masks(syn_root: Path) -> None:
         assert set(episode["qry_labels"].unique().tolist()) <= {0, 1}
         assert torch.equal(episode["supp_imgs"][:, 0], episode["supp_imgs"][:, 2])  # repeated channel
         assert torch.isfinite(episode["qry_imgs"]).all()
+    two_queries = _train(syn_root, n_shot=1, n_query=2)[0]
+    assert two_queries["qry_imgs"].shape == (2, 3, h, w) and two_queries["qry_labels"].shape == (2, h, w)
+    assert len(two_queries["slice_indices"]) == 3
+
+
+def test_augmentation_changes_supports_or_queries_only_when_on(syn_root: Path) -> None:
+    plain, augmented = _train(syn_root, augment=False, seed=1), _train(syn_root, augment=True, seed=1)
+    for i in range(10):
+        a, b = plain[i], augmented[i]
+        assert not (torch.equal(a["supp_imgs"], b["supp_imgs"]) and torch.equal(a["qry_imgs"], b["qry_imgs"]))
+        # gamma and geometry each hit the supports or the queries: the untouched masks are unchanged
+        masks_same = (
+            torch.equal(a["supp_masks"], b["supp_masks"]),
+            torch.equal(a["qry_labels"], b["qry_labels"]),
+        )
+        assert any(masks_same)
 
 
 def test_episodes_carry_the_drawn_class_with_min_size(syn_root: Path) -> None:
