@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .io import CV_MAX_CHANNELS
+
 GAMMA_RANGE = (0.5, 1.5)
 GAMMA_EPS = 1e-5
 ROTATION_DEG = 5.0
@@ -104,12 +106,12 @@ def _smoothed_noise(rng: np.random.Generator, n_fields: int, h: int, w: int) -> 
     noise = rng.uniform(-1.0, 1.0, size=(h, w, n_fields)).astype(np.float32)
     ksize = int(4 * ELASTIC_SIGMA) | 1
     out = np.empty((n_fields, h, w), dtype=np.float32)
-    # cv2 filters up to 512 channels in one call: the fields of all slices go in as channels
-    for start in range(0, n_fields, 512):
+    # one cv2 call takes at most CV_MAX_CHANNELS channels: fields go in as channel chunks
+    for start in range(0, n_fields, CV_MAX_CHANNELS):
         blurred = cv2.GaussianBlur(
-            np.ascontiguousarray(noise[..., start : start + 512]), (ksize, ksize), ELASTIC_SIGMA
+            np.ascontiguousarray(noise[..., start : start + CV_MAX_CHANNELS]), (ksize, ksize), ELASTIC_SIGMA
         )
-        out[start : start + 512] = blurred.reshape(h, w, -1).transpose(2, 0, 1)
+        out[start : start + CV_MAX_CHANNELS] = blurred.reshape(h, w, -1).transpose(2, 0, 1)
     return out
 
 

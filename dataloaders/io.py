@@ -26,6 +26,9 @@ import SimpleITK as sitk
 
 from .datasets import DatasetInfo, get_dataset_info
 
+#: channels one OpenCV call accepts (CV_CN_MAX: 512 in OpenCV 4, 128 in OpenCV 5)
+CV_MAX_CHANNELS = 128
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -330,14 +333,14 @@ def resize_slices(array: np.ndarray, size: int | None, nearest: bool) -> np.ndar
     if array.shape[0] == 0:
         return np.zeros((0, size, size), dtype=array.dtype)
     work = array if nearest or array.dtype == np.float32 else array.astype(np.float32)
-    # cv2 resizes up to 512 channels at once: slices go in as channels of one (H, W, N) image
+    # one cv2 call takes at most CV_MAX_CHANNELS channels: slices go in as channel chunks
     out = np.empty((array.shape[0], size, size), dtype=work.dtype)
-    for start in range(0, array.shape[0], 512):
-        chunk = np.ascontiguousarray(work[start : start + 512].transpose(1, 2, 0))
+    for start in range(0, array.shape[0], CV_MAX_CHANNELS):
+        chunk = np.ascontiguousarray(work[start : start + CV_MAX_CHANNELS].transpose(1, 2, 0))
         if nearest and chunk.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
             chunk = chunk.astype(np.float32)
         resized = cv2.resize(chunk, (size, size), interpolation=interpolation)
-        out[start : start + 512] = resized.reshape(size, size, -1).transpose(2, 0, 1)
+        out[start : start + CV_MAX_CHANNELS] = resized.reshape(size, size, -1).transpose(2, 0, 1)
     return out
 
 

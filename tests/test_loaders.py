@@ -153,6 +153,12 @@ def test_normalize_and_resize() -> None:
     small = resize_slices(mask, 5, nearest=True)
     assert small.shape == (2, 5, 5) and set(np.unique(small)) == {0, 7}
     assert resize_slices(volume.astype(np.float32), 6, nearest=False).shape == (3, 6, 6)
+    # more slices than one OpenCV call takes channels: every slice resized like on its own
+    many = np.random.default_rng(1).random((300, 9, 7)).astype(np.float32)
+    resized = resize_slices(many, 5, nearest=False)
+    np.testing.assert_allclose(
+        resized[[0, 150, 299]], resize_slices(many[[0, 150, 299]], 5, nearest=False), atol=1e-6
+    )
 
 
 # --------------------------------------------------------------------------------------------- real data
@@ -216,6 +222,7 @@ def test_random_parameters_in_range_and_reproducible() -> None:
     assert np.all(np.abs(params.rotation_deg) <= 5) and np.all(np.abs(params.shear_deg) <= 5)
     assert np.all(np.abs(params.translation) <= 5) and np.all((params.zoom >= 0.9) & (params.zoom <= 1.2))
     assert params.displacement.shape == (3, 2, 32, 32)
+    assert sample_geometry(np.random.default_rng(0), (70, 16, 16)).displacement.shape == (70, 2, 16, 16)
     # smoothed U(-1,1) noise times alpha=10 stays well inside +-10 px and is not constant
     assert 0 < np.abs(params.displacement).max() < 10
     gammas = [sample_gamma(np.random.default_rng(s)).gamma for s in range(50)]
