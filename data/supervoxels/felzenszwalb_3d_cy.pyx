@@ -218,9 +218,10 @@ def classic_argsort(values) -> np.ndarray:
 
     Shape: ``(N,)`` float64 -> ``(N,)`` intp. Ties come out exactly as the classic introsort leaves them.
     """
-    cdef const double[::1] v = np.ascontiguousarray(values, dtype=np.float64)
-    if np.ndim(values) != 1:
-        raise ValueError(f"classic_argsort: expected a 1-D array, got shape {np.shape(values)}")
+    array = np.ascontiguousarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"classic_argsort: expected a 1-D array, got shape {array.shape}")
+    cdef const double[::1] v = array
     order_array = np.arange(v.shape[0], dtype=np.intp)
     cdef Py_ssize_t[::1] order = order_array
     if v.shape[0] > 1:
