@@ -205,3 +205,13 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
     ex.observers[:] = [obs for obs in ex.observers if not isinstance(obs, FileStorageObserver)]
     ex.observers.append(FileStorageObserver(str(observer_dir)))
     return {"mode": command_name}
+
+
+@ex.command(unobserved=True)
+def print_run_root(path, exp_str):
+    """Print ``<path.log_dir>/<exp_str>``, the folder of the fold<k> run folders (for the scripts)."""
+    print(Path(path["log_dir"]) / exp_str)
+
+
+if __name__ == "__main__":
+    ex.run_commandline()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Evaluate the 5 folds of one dataset and setting (spec section 5), then write the per-organ Dice table.
+# Usage: bash script/evaluate.sh [abd_mri|abd_ct|cmr] [setting1|setting2] [Sacred overrides ...]
+# Each fold is evaluated with the newest snapshot of its run folder runs/<DATASET>_setting<k>/fold<f>/snapshots/
+# (test.py finds it; a fold without snapshot is an error). Results: fold<f>/test/<id>/results.json, and the
+# table runs/<DATASET>_setting<k>/summary.{md,csv}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATASET="${1:-abd_mri}"
+SETTING="${2:-setting1}"
+shift $(($# < 2 ? $# : 2))
+case "$DATASET" in abd_mri|abd_ct|cmr) ;; *) echo "dataset must be abd_mri, abd_ct or cmr, got '$DATASET'" >&2; exit 2;; esac
+case "$SETTING" in setting1|setting2) ;; *) echo "setting must be setting1 or setting2, got '$SETTING'" >&2; exit 2;; esac
+PYTHON="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
+FOLDS="${FOLDS:-0 1 2 3 4}"
+
+for fold in $FOLDS; do
+    echo "=== evaluate $DATASET $SETTING fold $fold ==="
+    "$PYTHON" test.py with "$DATASET" "$SETTING" official_script eval_fold="$fold" "$@"
+done
+RUN_ROOT="$("$PYTHON" config.py print_run_root with "$DATASET" "$SETTING" official_script "$@" 2>/dev/null)"
+"$PYTHON" script/summarize.py "$RUN_ROOT"

@@ -1,0 +1,206 @@
+"""End-to-end tests of train.py / test.py on the real CHAOST2 copy (CPU, ``debug`` config, 64 px).
+
+A miniature data root links six CHAOST2 cases: fold 1 is then positions 4-5 (support = position 4, one
+query volume = position 5) and training uses positions 0-3 (``debug`` keeps 3 of them). One uninterrupted
+4-step run serves the evaluation checks and is the reference for the resume test (the same run stopped by
+SIGINT after its step-2 snapshot, then resumed, must log the same losses at every step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from dataloaders import get_dataset_info, list_cases
+from evaluation import predict_query_volume
+from metrics import dice_iou
+from models import build_difd
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_CLASS = 2  # RK: few labelled slices, so the evaluation is cheap
+N_CASES = 6
+LOSS_TERMS = ("query_nll", "query_boundary", "align_nll", "align_boundary", "total")
+
+
+def _run_script(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / script), "with", "debug", *overrides]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
+    if check and done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return done
+
+
+def _env() -> dict[str, str]:
+    # One thread: the same kernels in every process, and no oversubscription of the CI cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Loss terms per step from a Sacred metrics.json."""
+    raw = json.loads((run_dir / "metrics.json").read_text())
+    per_step: dict[int, dict[str, float]] = {}
+    for name in LOSS_TERMS:
+        for step, value in zip(raw[name]["steps"], raw[name]["values"], strict=True):
+            per_step.setdefault(step, {})[name] = value
+    return per_step
+
+
+@pytest.fixture(scope="module")
+def mini_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    info = get_dataset_info("CHAOST2")
+    cases = list_cases("CHAOST2", data_root, supervoxels=True)[:N_CASES]
+    root = tmp_path_factory.mktemp("mini_data")
+    image_dir = root / "CHAOST2" / info.image_folder
+    sv_dir = root / "CHAOST2" / info.supervoxel_folder()
+    image_dir.mkdir(parents=True)
+    sv_dir.mkdir(parents=True)
+    for case in cases:
+        for source, folder in ((case.image, image_dir), (case.label, image_dir), (case.supervoxel, sv_dir)):
+            (folder / source.name).symlink_to(source)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_run(mini_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run folder of an uninterrupted 4-step debug training on fold 1, then its evaluation on RK."""
+    log_dir = tmp_path_factory.mktemp("runs_reference")
+    common = (f"data_root={mini_root}", "eval_fold=1", f"path.log_dir={log_dir}")
+    _run_script("train.py", *common)
+    _run_script("test.py", *common, f"test_label=[{TEST_CLASS}]")
+    return log_dir / "CHAOST2_setting1" / "fold1"
+
+
+def test_training_writes_snapshots_and_metrics(reference_run: Path):
+    assert sorted(p.name for p in (reference_run / "snapshots").iterdir()) == ["2.pth", "4.pth"]
+    run = reference_run / "train" / "1"
+    assert json.loads((run / "run.json").read_text())["status"] == "COMPLETED"
+    assert json.loads((run / "config.json").read_text())["n_steps"] == 4
+    metrics = _metrics(run)
+    assert sorted(metrics) == [1, 2, 3, 4]
+    assert all(np.isfinite(list(terms.values())).all() for terms in metrics.values())
+
+
+def test_evaluation_outputs(reference_run: Path, mini_root: Path):
+    results_file = reference_run / "test" / "1" / "results.json"
+    results = json.loads(results_file.read_text())
+    cases = list_cases("CHAOST2", mini_root)
+    query_case = cases[5]  # fold 1 = positions 4, 5; supp_idx 0 -> position 4 is the support
+    assert results["dataset"] == "CHAOST2" and results["eval_fold"] == 1
+    assert results["checkpoint"].endswith("snapshots/4.pth")
+    assert list(results["classes"]) == ["RK"]
+    entry = results["classes"]["RK"]
+    assert entry["label"] == TEST_CLASS and entry["support_case"] == cases[4].case_id
+    assert list(entry["dice"]) == list(entry["iou"]) == [str(query_case.case_id)]
+    assert entry["mean_dice"] == pytest.approx(entry["dice"][str(query_case.case_id)])
+    assert results["mean_dice"] == pytest.approx(entry["mean_dice"])
+    assert results["config"]["eval_fold"] == 1 and results["config"]["test_label"] == [TEST_CLASS]
+
+    # Dice recomputed from the saved NIfTI against the label file.
+    pred_image = sitk.ReadImage(
+        str(results_file.parent / "predictions" / "RK" / f"pred_{query_case.case_id}.nii.gz")
+    )
+    label_image = sitk.ReadImage(str(query_case.label))
+    source_image = sitk.ReadImage(str(query_case.image))
+    pred = sitk.GetArrayFromImage(pred_image)
+    gt = sitk.GetArrayFromImage(label_image) == TEST_CLASS
+    assert pred.shape == gt.shape
+    assert not pred[~gt.any(axis=(1, 2))].any(), "slices without the class must hold no prediction"
+    dice, iou = dice_iou(pred, gt)
+    assert dice == pytest.approx(entry["dice"][str(query_case.case_id)], abs=1e-12)
+    assert iou == pytest.approx(entry["iou"][str(query_case.case_id)], abs=1e-12)
+
+    # Geometry of the query volume.
+    np.testing.assert_allclose(pred_image.GetSpacing(), source_image.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(pred_image.GetOrigin(), source_image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(pred_image.GetDirection(), source_image.GetDirection(), atol=1e-6)
+
+    # Overlay of the middle labelled slice.
+    labelled = np.flatnonzero(gt.any(axis=(1, 2)))
+    overlay = (
+        results_file.parent
+        / "overlays"
+        / "RK"
+        / f"case{query_case.case_id}_z{labelled[len(labelled) // 2]}.png"
+    )
+    picture = cv2.imread(str(overlay))
+    assert picture is not None and picture.shape == (2 * gt.shape[1], 2 * gt.shape[2], 3)
+
+
+def test_interrupted_run_resumes_on_the_same_trajectory(reference_run: Path, mini_root: Path, tmp_path: Path):
+    common = (f"data_root={mini_root}", "eval_fold=1", f"path.log_dir={tmp_path}")
+    fold_dir = tmp_path / "CHAOST2_setting1" / "fold1"
+    command = [sys.executable, str(REPO / "train.py"), "with", "debug", *common]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    while not (fold_dir / "snapshots" / "2.pth").exists():
+        assert process.poll() is None, f"training ended early:\n{process.stderr.read().decode()[-3000:]}"
+        assert time.monotonic() < deadline, "no step-2 snapshot within 240 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0, "the run should stop on SIGINT"
+    stopped_at = max(int(p.stem) for p in (fold_dir / "snapshots").glob("*.pth"))
+    assert stopped_at < 4, f"the run finished before the interruption took effect:\n{stderr.decode()[-2000:]}"
+    assert json.loads((fold_dir / "train" / "1" / "run.json").read_text())["status"] == "INTERRUPTED"
+
+    _run_script("train.py", *common, "resume=True")
+    resumed = {**_metrics(fold_dir / "train" / "1"), **_metrics(fold_dir / "train" / "2")}
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert min(_metrics(fold_dir / "train" / "2")) == stopped_at + 1
+    reference = _metrics(reference_run / "train" / "1")
+    for step in range(1, 5):
+        for name in LOSS_TERMS:
+            assert resumed[step][name] == pytest.approx(reference[step][name], rel=1e-6, abs=1e-7), (
+                step,
+                name,
+            )
+
+
+class _TinyEncoder(nn.Module):
+    """Stand-in encoder: ``(N, 3, H, W)`` → ``((N, 8, H/4, W/4), (N,))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.conv(x)
+        return features, self.head(features.mean(dim=(2, 3))).squeeze(1)
+
+
+def test_batched_chunk_prediction_equals_one_slice_at_a_time():
+    torch.manual_seed(0)
+    model = build_difd(encoder=_TinyEncoder(), feature_channels=8, decoder_width=8).eval()
+    support = {"imgs": torch.randn(3, 3, 32, 32), "masks": torch.zeros(3, 32, 32)}
+    support["masks"][:, 8:20, 10:24] = 1
+    n_slices = 7
+    query = {
+        "imgs": torch.randn(n_slices, 3, 32, 32),
+        "labels": torch.zeros(n_slices, 48, 48, dtype=torch.int64),  # native size differs: upsampling path
+        "chunks": [(0, 2), (2, 4), (4, 7)],
+        "chunk_support": [0, 1, 2],
+    }
+    batched = predict_query_volume(model, support, query, torch.device("cpu"))
+    assert batched.shape == (n_slices, 48, 48) and batched.dtype == torch.int64
+    singles = []
+    for z in range(n_slices):
+        k = next(i for i, (start, end) in enumerate(query["chunks"]) if start <= z < end)
+        one = {**query, "imgs": query["imgs"][z : z + 1], "labels": query["labels"][z : z + 1]}
+        one["chunks"], one["chunk_support"] = [(0, 1)], [k]
+        singles.append(predict_query_volume(model, support, one, torch.device("cpu")))
+    torch.testing.assert_close(batched, torch.cat(singles), rtol=0, atol=0)
