@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from checkpoint import latest_snapshot, load_snapshot, restore_rng_state, save_snapshot
 from config import ex, run_folder
-from dataloaders import TrainDataset, get_dataset_info, list_cases
+from dataloaders import TrainDataset, get_dataset_info, list_cases, worker_init_fn
 from models import DIFDLoss, build_difd
 from utils import resolve_data_root, resolve_device, set_seed
 
@@ -270,6 +270,7 @@ def train(
         num_workers=num_workers,
         pin_memory=torch_device.type == "cuda",
         drop_last=True,
+        worker_init_fn=worker_init_fn,
         # Its own generator: creating the iterator must not draw from the global RNG, whose state the
         # snapshot restores (else a resumed run's dropout masks would shift by one draw).
         generator=torch.Generator().manual_seed(seed),
