@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from models.decoder import Decoder
-from models.dual_interspersion import MAP_EPS, DualInterspersion
+from models.dual_interspersion import MAP_EPS, DualInterspersion, masked_sum
 from models.flexible_deployment import FlexibleDeployment
 from models.fusion_refinement import InteractiveFusionRefinement
 
@@ -167,12 +167,13 @@ class DIFD(nn.Module):
         n_di = 1 if self.multi_shot == "official" else s
         di_feats = support_feats[:, :n_di]
         di_masks = support_masks[:, :n_di]
-        up = F.interpolate(di_feats.flatten(0, 1), size=image_size, mode="bilinear", align_corners=True)
         fg_on = support_masks.flatten(1).any(1)  # per episode over all shots, as the official code decides
-        sets = self.interspersion(up, di_masks.flatten(0, 1), fg_on.repeat_interleave(n_di))
+        sets = self.interspersion(
+            di_feats.flatten(0, 1), di_masks.flatten(0, 1), fg_on.repeat_interleave(n_di)
+        )
 
         if self.deployment.extra_maps:
-            proto_fg, proto_bg = self._global_prototypes(support_feats, support_masks, image_size)
+            proto_fg, proto_bg = self._global_prototypes(support_feats, support_masks)
         else:
             proto_fg = proto_bg = support_feats.new_zeros(b, c)  # only read with extra maps
 
@@ -192,14 +193,14 @@ class DIFD(nn.Module):
         return torch.softmax(logits, dim=1).view(b, q, 2, *image_size)
 
     @staticmethod
-    def _global_prototypes(
-        support_feats: Tensor, support_masks: Tensor, image_size: tuple[int, int]
-    ) -> tuple[Tensor, Tensor]:
-        """MAP fg/bg prototypes averaged over shots (spec 4.2). Shape: ``(B, S, C, h, w)``, ``(B, S, H, W)`` →
-        ``(B, C)``, ``(B, C)``."""
-        up = F.interpolate(support_feats.flatten(0, 1), size=image_size, mode="bilinear", align_corners=True)
-        up = up.unflatten(0, support_feats.shape[:2])  # (B, S, C, H, W)
-        fg = support_masks.unsqueeze(2)
-        proto_fg = (up * fg).sum((3, 4)) / (fg.sum((3, 4)) + MAP_EPS)
-        proto_bg = (up * (1 - fg)).sum((3, 4)) / ((1 - fg).sum((3, 4)) + MAP_EPS)
-        return proto_fg.mean(1), proto_bg.mean(1)
+    def _global_prototypes(support_feats: Tensor, support_masks: Tensor) -> tuple[Tensor, Tensor]:
+        """MAP fg/bg prototypes of the upsampled features, averaged over shots (spec 4.2).
+
+        Shape: ``(B, S, C, h, w)``, ``(B, S, H, W)`` → ``(B, C)``, ``(B, C)``.
+        """
+        b, s, c = support_feats.shape[:3]
+        feats = support_feats.flatten(0, 1)
+        fg = support_masks.flatten(0, 1)
+        proto_fg = masked_sum(feats, fg) / (fg.sum((1, 2)).unsqueeze(1) + MAP_EPS)
+        proto_bg = masked_sum(feats, 1 - fg) / ((1 - fg).sum((1, 2)).unsqueeze(1) + MAP_EPS)
+        return proto_fg.view(b, s, c).mean(1), proto_bg.view(b, s, c).mean(1)

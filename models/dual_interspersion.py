@@ -139,54 +139,84 @@ def subsample_plan(
     return fg_kind, fg_ordinals, bg_kind, bg_ordinals
 
 
-def _rect_sums(sat: Tensor, rects: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
-    """Sums over rectangles of a zero-padded summed-area table.
+def bilinear_weights(out_size: int, in_size: int, device: torch.device) -> Tensor:
+    """Matrix ``U (out, in)`` of 1-D bilinear upsampling with ``align_corners=True`` (float64), so that
+    ``F.interpolate(F, (H, W), mode='bilinear', align_corners=True) = U_h F U_wᵀ`` per channel."""
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    src = torch.arange(out_size, dtype=torch.float64, device=device) * scale
+    lo = src.floor().clamp(max=in_size - 1)
+    frac = src - lo
+    lo = lo.long()
+    hi = (lo + 1).clamp(max=in_size - 1)
+    u = torch.zeros(out_size, in_size, dtype=torch.float64, device=device)
+    rows = torch.arange(out_size, device=device)
+    u.index_put_((rows, lo), 1 - frac, accumulate=True)
+    u.index_put_((rows, hi), frac, accumulate=True)
+    return u
 
-    Shape: ``(..., H+1, W+1)`` → ``(..., K)``.
+
+def masked_sum(features: Tensor, masks: Tensor) -> Tensor:
+    """``Σ_x up(F)[:, x]·M[x]`` without forming the upsampled features: ``F`` contracted with ``U_hᵀ M U_w``.
+
+    Shape: ``features (N, C, h, w)``, ``masks (N, H, W)`` → ``(N, C)``.
     """
-    row0, row1, col0, col1 = rects
-    stride = sat.shape[-1]
-    flat = sat.flatten(-2)
-    return (
-        flat[..., row1 * stride + col1]
-        - flat[..., row0 * stride + col1]
-        - flat[..., row1 * stride + col0]
-        + flat[..., row0 * stride + col0]
-    )
+    h, w = features.shape[-2:]
+    height, width = masks.shape[-2:]
+    u_h = bilinear_weights(height, h, features.device)
+    u_w = bilinear_weights(width, w, features.device)
+    kernel = (u_h.t() @ masks.double() @ u_w).to(features.dtype)  # (N, h, w)
+    return torch.einsum("nchw,nhw->nc", features, kernel)
 
 
 def _summed_area_table(x: Tensor) -> Tensor:
     """Zero-padded float64 summed-area table. Shape: ``(..., H, W)`` → ``(..., H+1, W+1)``."""
-    sat = x.double().cumsum(-2).cumsum(-1)
-    return nn.functional.pad(sat, (1, 0, 1, 0))
+    return nn.functional.pad(x.double().cumsum(-2).cumsum(-1), (1, 0, 1, 0))
 
 
-def _select(ordinals: list[tuple[int, ...]], qualifies: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """Pick, per source, the rows of ``values`` whose qualifying rank is listed in ``ordinals``.
+def _rect_sums(sat: Tensor, rects: Tensor) -> Tensor:
+    """Sums over rectangles ``(row0, row1, col0, col1)`` (end exclusive) of a zero-padded summed-area table.
 
-    The k-th qualifying row is found on the device by a search in the running count of ``qualifies``, so the
-    host only needed the counts.
-    Shape: ``qualifies (N, K)``, ``values (N, K, C)`` → ``(N, P, C)``, ``(N, P)``.
+    Shape: ``sat (N, H+1, W+1)``, ``rects (K, 4)`` → ``(N, K)``.
     """
-    n, _, c = values.shape
+    row0, row1, col0, col1 = rects.unbind(1)
+    stride = sat.shape[-1]
+    flat = sat.flatten(-2)
+    return (
+        flat[:, row1 * stride + col1]
+        - flat[:, row0 * stride + col1]
+        - flat[:, row1 * stride + col0]
+        + flat[:, row0 * stride + col0]
+    )
+
+
+def _kth_true(flags: Tensor, ranks: Tensor) -> Tensor:
+    """Index of the ``ranks``-th True entry of each row (0-based), found on the device.
+
+    Shape: ``flags (N, K)`` bool, ``ranks (N, P)`` → ``(N, P)`` (clamped to ``K - 1`` past the end).
+    """
+    running = flags.long().cumsum(1)
+    return torch.searchsorted(running, ranks + 1).clamp(max=max(flags.shape[1] - 1, 0))
+
+
+def _padded(ordinals: list[tuple[int, ...]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Host plan → ``(N, P)`` ranks and validity on the device (one small copy)."""
     width = max((len(o) for o in ordinals), default=0)
-    if width == 0 or values.shape[1] == 0:
-        return values.new_zeros(n, 0, c), torch.zeros(n, 0, dtype=torch.bool, device=values.device)
-    ranks = torch.zeros(n, width, dtype=torch.long)
-    valid = torch.zeros(n, width, dtype=torch.bool)
-    for i, o in enumerate(ordinals):  # host-side bookkeeping of the integer plan, no tensor work per source
+    ranks = torch.zeros(len(ordinals), width, dtype=torch.long)
+    valid = torch.zeros(len(ordinals), width, dtype=torch.bool)
+    for i, o in enumerate(ordinals):  # integer bookkeeping on the host; no tensor work per source
         ranks[i, : len(o)] = torch.tensor(o, dtype=torch.long)
         valid[i, : len(o)] = True
-    ranks = ranks.to(values.device)
-    valid = valid.to(values.device)
-    running = qualifies.long().cumsum(1)
-    index = torch.searchsorted(running, ranks + 1).clamp(max=values.shape[1] - 1)
-    picked = values.gather(1, index.unsqueeze(-1).expand(-1, -1, c))
-    return torch.where(valid.unsqueeze(-1), picked, 0.0), valid
+    return ranks.to(device), valid.to(device)
 
 
 class DualInterspersion(nn.Module):
     """Dual Interspersion: fg and bg basis-prototype sets of each source image (no parameters).
+
+    The features are never upsampled explicitly: bilinear upsampling is linear, so the sum of the upsampled
+    features over a rectangle of the mask equals ``F`` contracted with the low-resolution kernel
+    ``U_hᵀ (M ∘ 1_rect) U_w``. That kernel is built per chosen rectangle from running sums over the mask
+    columns (float64, exact differences) and a row-restricted matmul; the one matmul with ``F`` is the only
+    step that carries gradient.
 
     Args:
         region_sampling: ``'official'`` (fixed seed-9 draws, spec 4.3) or ``'random'`` (fresh seed per call,
@@ -208,52 +238,41 @@ class DualInterspersion(nn.Module):
     def forward(self, features: Tensor, masks: Tensor, fg_on: Tensor) -> PrototypeSets:
         """Build the padded sets.
 
-        Shape: ``features (N, C, H, W)`` (upsampled to the image size), ``masks (N, H, W)`` in {0, 1},
-        ``fg_on (N,)`` bool (SI fg runs only for episodes whose support mask is non-empty; the official code
-        decides this per episode over all shots) → ``PrototypeSets``.
+        Shape: ``features (N, C, h, w)`` (encoder resolution; DI works on their bilinear upsampling to the
+        mask size), ``masks (N, H, W)`` in {0, 1}, ``fg_on (N,)`` bool (SI fg runs only for episodes whose
+        support mask is non-empty; the official code decides this per episode over all shots) →
+        ``PrototypeSets``.
         """
-        n, c, height, width = features.shape
-        device, dtype = features.device, features.dtype
+        height, width = masks.shape[-2:]
+        device = features.device
         seed, boxes = self._seed_and_boxes(height, width)
         windows = window_grid(height, width)
-        rects = tuple(torch.cat([w, b]).to(device) for w, b in zip(windows, boxes, strict=True))
         n_windows = windows[0].numel()
-        area = ((rects[1] - rects[0]) * (rects[3] - rects[2])).float()  # (K,)
-
-        mask = masks.to(dtype)
-        sat_fg = _summed_area_table(features * mask.unsqueeze(1))  # (N, C, H+1, W+1) float64
-        sat_all = _summed_area_table(features)
-        sat_mask = _summed_area_table(mask)  # (N, H+1, W+1)
-        sum_fg = _rect_sums(sat_fg, rects)  # (N, C, K)
-        sum_bg = _rect_sums(sat_all, rects) - sum_fg
-        count_fg = _rect_sums(sat_mask, rects)  # (N, K), exact integers
-        count_bg = area.double() - count_fg
-        proto_fg = (sum_fg / (count_fg.unsqueeze(1) + MAP_EPS)).to(dtype).transpose(1, 2)  # (N, K, C)
-        proto_bg = (sum_bg / (count_bg.unsqueeze(1) + MAP_EPS)).to(dtype).transpose(1, 2)
-
-        # Global entries: Σ F·M / (n + 1e-5) with n_bg = H·W - n_fg.
-        total_fg = sat_fg[..., -1, -1]
-        total_bg = sat_all[..., -1, -1] - total_fg
-        # Thresholds are float32 comparisons of exact counts, as in the official code.
-        n_fg = sat_mask[:, -1, -1].float()  # (N,)
-        n_bg = height * width - n_fg
-        global_fg = (total_fg / (n_fg.double().unsqueeze(1) + MAP_EPS)).to(dtype)
-        global_bg = (total_bg / (n_bg.double().unsqueeze(1) + MAP_EPS)).to(dtype)
-
-        c_fg, c_bg = count_fg.float(), count_bg.float()
-        win_fg = fg_on.unsqueeze(1) & (
-            c_fg[:, :n_windows]
-            >= torch.clamp(n_fg / FG_WINDOW_DIVISOR, max=WINDOW[0] * WINDOW[1] * FG_WINDOW_RATE).unsqueeze(1)
+        whole = tuple(torch.tensor([v]) for v in (0, height, 0, width))
+        # Rectangles: [whole image (global entry), SI windows…, RI boxes…] as (K, 4).
+        rects = torch.stack([torch.cat(parts) for parts in zip(whole, windows, boxes, strict=True)], 1).to(
+            device
         )
-        win_bg = c_bg[:, :n_windows] >= torch.clamp(
-            n_bg / BG_WINDOW_DIVISOR, max=float(WINDOW[0] * WINDOW[1])
-        ).unsqueeze(1)
-        box_area = area[n_windows:]
+        area = ((rects[:, 1] - rects[:, 0]) * (rects[:, 3] - rects[:, 2])).float()  # (K,)
+
+        mask = masks.double()
+        count_fg = _rect_sums(_summed_area_table(mask), rects)  # (N, K), exact integers
+        count_bg = area.double() - count_fg
+        # Thresholds are float32 comparisons of exact counts, as in the official code.
+        c_fg, c_bg = count_fg.float(), count_bg.float()
+        n_fg, n_bg = c_fg[:, 0], c_bg[:, 0]  # (N,)
+        win = slice(1, 1 + n_windows)
+        box = slice(1 + n_windows, None)
+        win_fg_limit = torch.clamp(n_fg / FG_WINDOW_DIVISOR, max=WINDOW[0] * WINDOW[1] * FG_WINDOW_RATE)
+        win_fg = fg_on.unsqueeze(1) & (c_fg[:, win] >= win_fg_limit.unsqueeze(1))
+        win_bg_limit = torch.clamp(n_bg / BG_WINDOW_DIVISOR, max=float(WINDOW[0] * WINDOW[1]))
+        win_bg = c_bg[:, win] >= win_bg_limit.unsqueeze(1)
+        box_area = area[box]
         box_fg = (
-            c_fg[:, n_windows:] >= torch.minimum(box_area * BOX_FG_RATE, (n_fg / BOX_DIVISOR).unsqueeze(1))
-        ) & (c_fg[:, n_windows:] < n_fg.unsqueeze(1))
-        box_bg = (c_bg[:, n_windows:] >= torch.minimum(box_area, (n_bg / BOX_DIVISOR).unsqueeze(1))) & (
-            c_bg[:, n_windows:] < n_bg.unsqueeze(1)
+            c_fg[:, box] >= torch.minimum(box_area * BOX_FG_RATE, (n_fg / BOX_DIVISOR).unsqueeze(1))
+        ) & (c_fg[:, box] < n_fg.unsqueeze(1))
+        box_bg = (c_bg[:, box] >= torch.minimum(box_area, (n_bg / BOX_DIVISOR).unsqueeze(1))) & (
+            c_bg[:, box] < n_bg.unsqueeze(1)
         )
 
         # The SI sub-sample sizes depend on how many windows qualify: the one host synchronisation of DI.
@@ -262,53 +281,86 @@ class DualInterspersion(nn.Module):
         ).tolist()
         plans = [subsample_plan(bool(f), wf, pf, wb, pb, seed) for f, wf, pf, wb, pb in counts]
 
-        pixels_fg = mask.flatten(1) > 0.5  # (N, H·W)
-        si_fg, si_fg_valid = self._si(plans, 0, win_fg, proto_fg[:, :n_windows], pixels_fg, features)
-        si_bg, si_bg_valid = self._si(plans, 2, win_bg, proto_bg[:, :n_windows], ~pixels_fg, features)
-
-        ones = torch.ones(n, 1, dtype=torch.bool, device=device)
-        fg = torch.cat(
-            [global_fg.unsqueeze(1), si_fg, torch.where(box_fg.unsqueeze(-1), proto_fg[:, n_windows:], 0.0)],
-            1,
-        )
-        bg = torch.cat(
-            [global_bg.unsqueeze(1), si_bg, torch.where(box_bg.unsqueeze(-1), proto_bg[:, n_windows:], 0.0)],
-            1,
-        )
-        return PrototypeSets(
-            fg=fg,
-            fg_valid=torch.cat([ones, si_fg_valid, box_fg], 1),
-            bg=bg,
-            bg_valid=torch.cat([ones, si_bg_valid, box_bg], 1),
-        )
+        u_h = bilinear_weights(height, features.shape[-2], device)
+        u_w = bilinear_weights(width, features.shape[-1], device)
+        branches = []
+        for slot, branch_mask, win_ok, box_ok, count in (
+            (0, mask, win_fg, box_fg, count_fg),
+            (2, 1 - mask, win_bg, box_bg, count_bg),
+        ):
+            branches.append(
+                self._branch(
+                    features, branch_mask, plans, slot, win_ok, box_ok, count, rects, n_windows, u_h, u_w
+                )
+            )
+        (fg, fg_valid), (bg, bg_valid) = branches
+        return PrototypeSets(fg=fg, fg_valid=fg_valid, bg=bg, bg_valid=bg_valid)
 
     @staticmethod
-    def _si(
+    def _branch(
+        features: Tensor,
+        branch_mask: Tensor,
         plans: list[tuple[str, tuple[int, ...], str, tuple[int, ...]]],
         slot: int,
-        window_ok: Tensor,
-        window_protos: Tensor,
-        pixel_ok: Tensor,
-        features: Tensor,
+        win_ok: Tensor,
+        box_ok: Tensor,
+        count: Tensor,
+        rects: Tensor,
+        n_windows: int,
+        u_h: Tensor,
+        u_w: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """SI entries of one branch: chosen windows, or chosen pixel features where no window qualified.
+        """One branch's set ``[global, SI…, RI…]``.
 
-        Shape: ``window_ok (N, nw)``, ``window_protos (N, nw, C)``, ``pixel_ok (N, H·W)``,
-        ``features (N, C, H, W)``
-        → ``(N, P, C)``, ``(N, P)``.
+        Shape: ``features (N, C, h, w)``, ``branch_mask (N, H, W)`` float64, ``win_ok (N, nw)``,
+        ``box_ok (N, 100)``, ``count (N, K)``, ``rects (K, 4)``, ``u_h (H, h)``, ``u_w (W, w)`` →
+        ``(N, P, C)``, ``(N, P)``.
         """
-        is_pixel = [p[slot] == "pixel" for p in plans]
-        win_ord = [() if px else p[slot + 1] for p, px in zip(plans, is_pixel, strict=True)]
-        protos, valid = _select(win_ord, window_ok, window_protos)
-        if any(is_pixel):
-            px_ord = [p[slot + 1] if px else () for p, px in zip(plans, is_pixel, strict=True)]
-            px_protos, px_valid = _select(px_ord, pixel_ok, features.flatten(2).transpose(1, 2))
-            # Each source is either window-kind or pixel-kind: the other selection is empty (zero, invalid).
-            width = max(protos.shape[1], px_protos.shape[1])
-            protos = nn.functional.pad(protos, (0, 0, 0, width - protos.shape[1])) + nn.functional.pad(
-                px_protos, (0, 0, 0, width - px_protos.shape[1])
-            )
-            valid = nn.functional.pad(valid, (0, width - valid.shape[1])) | nn.functional.pad(
-                px_valid, (0, width - px_valid.shape[1])
-            )
-        return protos, valid
+        n, c, h, w = features.shape
+        device, dtype = features.device, features.dtype
+        height, width = branch_mask.shape[-2:]
+        pixel_sources = [p[slot] == "pixel" for p in plans]
+        is_pixel = torch.tensor(pixel_sources, device=device)
+        ranks, si_valid = _padded([p[slot + 1] for p in plans], device)
+        n_boxes = box_ok.shape[1]
+        ones = torch.ones(n, 1, dtype=torch.bool, device=device)
+        valid = torch.cat([ones, si_valid, box_ok], 1)  # (N, P)
+
+        # Rectangle index of every entry (window-kind SI entries: the rank-th qualifying window).
+        si_rect = 1 + _kth_true(win_ok, ranks) if n_windows else torch.zeros_like(ranks)
+        box_rect = torch.arange(1 + n_windows, 1 + n_windows + n_boxes, device=device).expand(n, -1)
+        rect_index = torch.cat([torch.zeros_like(ones, dtype=torch.long), si_rect, box_rect], 1)  # (N, P)
+        si_pixel = torch.cat(
+            [torch.zeros_like(ones), is_pixel.unsqueeze(1) & si_valid, torch.zeros_like(box_ok)], 1
+        )  # entries that are single pixel features
+        chosen = rects[rect_index]  # (N, P, 4)
+
+        # Kernel of each rectangle: U_hᵀ (M ∘ 1_rect) U_w, from running column sums of M·U_w (float64).
+        col_running = nn.functional.pad(
+            (branch_mask.unsqueeze(-1) * u_w).cumsum(2), (0, 0, 1, 0)
+        )  # (N,H,W+1,w)
+        p = chosen.shape[1]
+
+        def at_column(col: Tensor) -> Tensor:
+            return col_running.gather(2, col.view(n, 1, p, 1).expand(-1, height, -1, w))  # (N, H, P, w)
+
+        strip = (at_column(chosen[..., 3]) - at_column(chosen[..., 2])).permute(0, 2, 1, 3).to(dtype)
+        rows = torch.arange(height, device=device)
+        in_rows = (rows >= chosen[..., 0:1]) & (rows < chosen[..., 1:2])  # (N, P, H)
+        row_weights = u_h.to(dtype).t().unsqueeze(0).unsqueeze(0) * in_rows.unsqueeze(2).to(
+            dtype
+        )  # (N,P,h,H)
+        kernel = torch.matmul(row_weights, strip)  # (N, P, h, w)
+        scale = 1 / (count.gather(1, rect_index) + MAP_EPS)
+
+        if any(pixel_sources):  # known on the host from the plan: sources whose SI fell back to pixels
+            pixel = _kth_true(branch_mask.flatten(1) > 0.5, ranks)  # (N, Kmax) row-major pixel index
+            pix_kernel = u_h[pixel // width].unsqueeze(-1) * u_w[pixel % width].unsqueeze(
+                -2
+            )  # (N, Kmax, h, w)
+            pix_kernel = nn.functional.pad(pix_kernel, (0, 0, 0, 0, 1, n_boxes)).to(dtype)
+            kernel = torch.where(si_pixel[..., None, None], pix_kernel, kernel)
+            scale = torch.where(si_pixel, 1.0, scale)
+        scale = torch.where(valid, scale, 0.0).to(dtype)
+        protos = torch.matmul(kernel.flatten(2), features.flatten(2).transpose(1, 2))  # (N, P, C)
+        return protos * scale.unsqueeze(-1), valid

@@ -135,7 +135,7 @@ def naive_ifr_fd(
         pair_cos = F.normalize(sup.reshape(c, -1).t(), dim=1) @ q_pix.t()  # (hw_s, hw_q)
         rows.append(pair_cos[small > 0])
     selected = torch.cat(rows)
-    phi = torch.sigmoid(selected.mean()) if selected.shape[0] > 0 else torch.zeros((), dtype=qry.dtype)
+    phi = torch.sigmoid(selected.mean()) if selected.shape[0] > 0 else qry.new_zeros(())
     stacked = torch.stack([basis * (1 - phi), q_protos * phi])[None]  # (1, 2, P, C)
     refined = basis + F.conv2d(stacked, fuse_weight)[0, 0]
 
@@ -259,7 +259,7 @@ def naive_boundary_loss(probs: Tensor, labels: Tensor) -> Tensor:
     Shape: ``(N, K, H, W)``, ``(N, H, W)`` → ``()``.
     """
     n, k = probs.shape[:2]
-    one_hot = torch.eye(k, dtype=probs.dtype)[labels].permute(0, 3, 1, 2)
+    one_hot = torch.eye(k, dtype=probs.dtype, device=probs.device)[labels].permute(0, 3, 1, 2)
     gt_b = F.max_pool2d(1 - one_hot, 3, stride=1, padding=1) - (1 - one_hot)
     pred_b = F.max_pool2d(1 - probs, 3, stride=1, padding=1) - (1 - probs)
     gt_ext = F.max_pool2d(gt_b, 5, stride=1, padding=2)
@@ -278,7 +278,7 @@ def naive_losses(
 ) -> dict[str, Tensor]:
     """The four loss terms (weights 1) the official training computes, episode by episode."""
     eps = torch.finfo(torch.float32).eps
-    weight = torch.tensor([0.1, 1.0], dtype=query_probs.dtype)
+    weight = torch.tensor([0.1, 1.0], dtype=query_probs.dtype, device=query_probs.device)
     b, q = query_probs.shape[:2]
     flat = query_probs.flatten(0, 1)
     labels = qry_labels.flatten(0, 1)
@@ -286,8 +286,8 @@ def naive_losses(
         "query_nll": F.nll_loss(torch.log(flat.clamp(eps, 1 - eps)), labels, weight=weight, ignore_index=255),
         "query_boundary": naive_boundary_loss(flat, labels),
     }
-    align_nll = torch.zeros((), dtype=query_probs.dtype)
-    align_b = torch.zeros((), dtype=query_probs.dtype)
+    align_nll = query_probs.new_zeros(())
+    align_b = query_probs.new_zeros(())
     for e, probs in enumerate(support_probs or []):
         if probs is None:
             continue

@@ -26,6 +26,15 @@ SIZE = 64
 HEAD_NAMES = ["merge.0", "res1.0", "res2.0", "res2.2", "cls.0", "cls.3"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One thread: measured faster here; several threads only spin on the shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_encoder() -> Res101Encoder:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
