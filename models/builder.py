@@ -21,8 +21,6 @@ def build_difd(
     region_sampling: str = "official",
     multi_shot: str = "official",
     encoder: nn.Module | None = None,
-    feature_channels: int = FEATURE_CHANNELS,
-    decoder_width: int | None = None,
 ) -> DIFD:
     """Build the DIFD model.
 
@@ -34,21 +32,18 @@ def build_difd(
             official decoder shape) instead of the paper's ``2C+1`` (spec section 6).
         region_sampling: ``'official'`` (fixed seed-9 RI boxes and SI sub-samples) or ``'random'``.
         multi_shot: ``'official'`` (shot 0 feeds DI and φ) or ``'all'``.
-        encoder: a ready encoder (tests inject a small one); ``None`` builds the ResNet-101 encoder.
-        feature_channels: ``C`` of the encoder's features (512 for ResNet-101).
-        decoder_width: inner width of the decoders (default 512; tests use less).
+        encoder: a ready encoder mapping ``(N, 3, H, W)`` to ``((N, 512, h, w), (N,))`` (tests inject a small
+            one); ``None`` builds the ResNet-101 encoder.
     """
     if encoder is None:
         encoder = Res101Encoder(pretrained_weights=pretrained_weights, pretrained_path=pretrained_path)
-        feature_channels = FEATURE_CHANNELS
-    in_channels = 2 * feature_channels + (3 if decoder_extra_maps else 1)
-    width = decoder_width if decoder_width is not None else 512
+    in_channels = 2 * FEATURE_CHANNELS + (3 if decoder_extra_maps else 1)
     return DIFD(
         encoder=encoder,
         fuse=InteractiveFusionRefinement(),
         deployment=FlexibleDeployment(extra_maps=decoder_extra_maps),
         interspersion=DualInterspersion(region_sampling=region_sampling),
-        decoder1=Decoder(in_channels, width),
-        decoder2=Decoder(in_channels, width),
+        decoder1=Decoder(in_channels),
+        decoder2=Decoder(in_channels),
         multi_shot=multi_shot,
     )

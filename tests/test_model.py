@@ -16,9 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from models import DIFDLoss, build_difd
+from models import DIFD, DIFDLoss, build_difd
+from models.decoder import Decoder
 from models.difd import DIFDOutput
-from models.dual_interspersion import OFFICIAL_SEED, draw_boxes, subsample_plan
+from models.dual_interspersion import OFFICIAL_SEED, DualInterspersion, draw_boxes, subsample_plan
+from models.flexible_deployment import FlexibleDeployment
+from models.fusion_refinement import InteractiveFusionRefinement
 from tests.naive_difd import naive_boxes, naive_forward, naive_losses
 
 F64_TOL = {"atol": 1e-9, "rtol": 1e-7}
@@ -48,9 +51,26 @@ class TinyEncoder(nn.Module):
         return feats, self.head(feats.mean((2, 3))).squeeze(1)
 
 
-def tiny_model(dtype=torch.float64, seed: int = 1, **options) -> nn.Module:
+def tiny_model(
+    dtype=torch.float64,
+    seed: int = 1,
+    multi_shot: str = "official",
+    decoder_extra_maps: bool = False,
+    region_sampling: str = "official",
+) -> DIFD:
+    """DIFD composed from injected parts: the tiny encoder and 16-wide decoders."""
     torch.manual_seed(seed)
-    model = build_difd(encoder=TinyEncoder(), feature_channels=CHANNELS, decoder_width=16, **options)
+    encoder = TinyEncoder()
+    in_channels = 2 * CHANNELS + (3 if decoder_extra_maps else 1)
+    model = DIFD(
+        encoder=encoder,
+        fuse=InteractiveFusionRefinement(),
+        deployment=FlexibleDeployment(extra_maps=decoder_extra_maps),
+        interspersion=DualInterspersion(region_sampling=region_sampling),
+        decoder1=Decoder(in_channels, reduce_dim=16),
+        decoder2=Decoder(in_channels, reduce_dim=16),
+        multi_shot=multi_shot,
+    )
     return model.to(dtype).eval()
 
 
@@ -302,3 +322,13 @@ def test_bad_options_raise():
         tiny_model(region_sampling="fresh")
     with pytest.raises(ValueError, match="multi_shot"):
         tiny_model(multi_shot="mean")
+
+
+def test_build_difd_with_injected_encoder():
+    """``build_difd(encoder=...)`` takes any encoder with 512-channel features (the contract)."""
+    model = build_difd(encoder=TinyEncoder(512)).eval()
+    supp, masks, qry = make_inputs([["blob"]], 2, 32, 32, torch.float32)
+    out = model(supp, masks, qry)
+    assert out.query_probs.shape == (1, 2, 2, 32, 32) and out.support_probs is None
+    torch.testing.assert_close(out.query_probs.sum(2), torch.ones(1, 2, 32, 32))
+    assert {"fuse.weight", "decoder1.merge.0.weight", "decoder2.cls.3.weight"} <= set(model.state_dict())
