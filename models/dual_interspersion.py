@@ -10,13 +10,17 @@ Each set is ``[DI global, SI windows…, RI boxes…]``:
 - Random Interspersion (RI): 100 random boxes, fg prototype when ``n1 ≥ min(0.95·area, n_fg/100)`` and
   ``n1 < n_fg``, bg prototype when ``n0 ≥ min(area, n_bg/100)`` and ``n0 < n_bg``.
 
-Vectorised: window and box sums are four-corner look-ups in summed-area tables accumulated in float64 (as
-exact as the direct sums), the sets are padded ``(N, P, C)`` tensors with ``(N, P)`` validity masks (invalid
-rows are zero). The random choices reproduce the official seed-9 draws with local generators
+Vectorised, without ever forming the upsampled features: bilinear upsampling is linear, so the sum of the
+upsampled features over (mask ∘ rectangle) is ``F`` contracted with the low-resolution kernel
+``U_hᵀ (M ∘ 1_rect) U_w`` (``U`` the 1-D interpolation matrices). The kernels of the chosen rectangles come
+from running sums of ``M·U_w`` along the mask columns (float64, so their differences are exact) and one
+row-restricted matmul; pixel counts come from a float64 summed-area table of the mask. Only the final
+``kernel @ F`` matmul carries gradient. The sets are padded ``(N, P, C)`` tensors with ``(N, P)`` validity
+masks (invalid rows are zero). The random choices reproduce the official seed-9 draws with local generators
 (``region_sampling='official'``) or draw fresh ones per call (``'random'``); the process-wide RNGs are only
 read (never re-seeded), and only in ``'random'`` mode.
 
-Shape: upsampled features ``(N, C, H, W)``, masks ``(N, H, W)`` in {0, 1}, per-source SI-fg flag ``(N,)`` →
+Shape: features ``(N, C, h, w)``, masks ``(N, H, W)`` in {0, 1}, per-source SI-fg flag ``(N,)`` →
 ``PrototypeSets`` with ``fg (N, Pf, C)``, ``fg_valid (N, Pf)``, ``bg (N, Pb, C)``, ``bg_valid (N, Pb)``.
 """
 

@@ -19,7 +19,14 @@ from torch import nn
 from models import DIFD, DIFDLoss, build_difd
 from models.decoder import Decoder
 from models.difd import DIFDOutput
-from models.dual_interspersion import OFFICIAL_SEED, DualInterspersion, draw_boxes, subsample_plan
+from models.dual_interspersion import (
+    OFFICIAL_SEED,
+    DualInterspersion,
+    bilinear_weights,
+    draw_boxes,
+    masked_sum,
+    subsample_plan,
+)
 from models.flexible_deployment import FlexibleDeployment
 from models.fusion_refinement import InteractiveFusionRefinement
 from tests.naive_difd import naive_boxes, naive_forward, naive_losses
@@ -332,3 +339,23 @@ def test_build_difd_with_injected_encoder():
     assert out.query_probs.shape == (1, 2, 2, 32, 32) and out.support_probs is None
     torch.testing.assert_close(out.query_probs.sum(2), torch.ones(1, 2, 32, 32))
     assert {"fuse.weight", "decoder1.merge.0.weight", "decoder2.cls.3.weight"} <= set(model.state_dict())
+
+
+def test_bilinear_weights_and_masked_sum_match_interpolate():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 9, 13, generator=gen, dtype=torch.float64)
+    up = nn.functional.interpolate(x, size=(37, 50), mode="bilinear", align_corners=True)
+    u_h, u_w = bilinear_weights(37, 9, x.device), bilinear_weights(50, 13, x.device)
+    torch.testing.assert_close(u_h @ x @ u_w.t(), up, **F64_TOL)
+    masks = (torch.rand(2, 37, 50, generator=gen) > 0.5).double()
+    torch.testing.assert_close(masked_sum(x, masks), (up * masks.unsqueeze(1)).sum((2, 3)), **F64_TOL)
+
+
+def test_pixel_fallback_when_no_window_covers_the_mask():
+    """70×70: SI windows stop at row 64, so a mask below it falls back to (at most 100) pixel features."""
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.stack([make_mask(k, 70, 70, gen) for k in ("bottom_strip", "bottom_corner")]).double()
+    feats = torch.randn(2, 4, 17, 17, generator=gen, dtype=torch.float64)
+    sets = DualInterspersion()(feats, masks, torch.tensor([True, True]))
+    n_si = sets.fg_valid.sum(1) - 1 - sets.fg_valid[:, -100:].sum(1)
+    assert n_si.tolist() == [100, 80]  # 280 pixels sampled down to 100; 80 pixels kept
