@@ -26,7 +26,11 @@ from torch import nn
 from dataloaders import get_dataset_info, list_cases
 from evaluation import predict_query_volume
 from metrics import dice_iou
-from models import build_difd
+from models import DIFD
+from models.decoder import Decoder
+from models.dual_interspersion import DualInterspersion
+from models.flexible_deployment import FlexibleDeployment
+from models.fusion_refinement import InteractiveFusionRefinement
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_CLASS = 2  # RK: few labelled slices, so the evaluation is cheap
@@ -185,7 +189,14 @@ class _TinyEncoder(nn.Module):
 
 def test_batched_chunk_prediction_equals_one_slice_at_a_time():
     torch.manual_seed(0)
-    model = build_difd(encoder=_TinyEncoder(), feature_channels=8, decoder_width=8).eval()
+    model = DIFD(
+        encoder=_TinyEncoder(),
+        fuse=InteractiveFusionRefinement(),
+        deployment=FlexibleDeployment(),
+        interspersion=DualInterspersion(),
+        decoder1=Decoder(2 * 8 + 1, reduce_dim=8),
+        decoder2=Decoder(2 * 8 + 1, reduce_dim=8),
+    ).eval()
     support = {"imgs": torch.randn(3, 3, 32, 32), "masks": torch.zeros(3, 32, 32)}
     support["masks"][:, 8:20, 10:24] = 1
     n_slices = 7
