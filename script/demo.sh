@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Quick start: bash script/demo.sh
+#
+# Sets up .venv (as script/test.sh does), writes the embedded phantom dataset (data/phantom.py) unless
+# DIFD_DATA_ROOT points at real data, makes its supervoxels, trains DIFD self-supervised on the training
+# volumes of fold 0, evaluates fold 0 with the protocol of spec section 5, prints the per-organ Dice table
+# and says where the predictions and overlays are.
+#
+# Sized for the machine: on CUDA the full configuration (official schedule, native 256 px); on a CPU a
+# reduced one that finishes on 2 cores in about 15 minutes in total (see the CPU defaults below).
+#
+# Environment (all optional):
+#   DIFD_DATA_ROOT         use this data root (CHAOST2 layout, e.g. ../shared/data) instead of the phantom
+#   DIFD_DEMO_OUT          output folder (default demo_output): data/ (phantom) and runs/
+#   DIFD_DEMO_DEVICE       auto (default), cpu or cuda
+#   DIFD_DEMO_STEPS        training steps (CPU default 1000, CUDA 40000)
+#   DIFD_DEMO_SIZE         slice size used for training and testing (CPU default 64, CUDA native)
+#   DIFD_DEMO_LR           SGD learning rate (CPU default 0.01, CUDA the official 0.001)
+#   DIFD_DEMO_CASES, DIFD_DEMO_SLICES, DIFD_DEMO_PHANTOM_SIZE, DIFD_DEMO_SEED   phantom size and seed
+#   DIFD_DEMO_NSV          supervoxel min_size (default 5000 as for CHAOST2)
+#   DIFD_DEMO_SKIP_SETUP=1 use the existing .venv without installing (CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start_time=$SECONDS
+
+if [ "${DIFD_DEMO_SKIP_SETUP:-0}" = 1 ]; then
+    # CI: the environment (and the supervoxel extension) was set up by script/test.sh.
+    if [ -x .venv/bin/python ]; then
+        # shellcheck disable=SC1091
+        source .venv/bin/activate
+    fi
+else
+    source script/setup_env.sh
+fi
+
+out="${DIFD_DEMO_OUT:-demo_output}"
+n_sv="${DIFD_DEMO_NSV:-5000}"
+mkdir -p "$out"
+
+device="${DIFD_DEMO_DEVICE:-auto}"
+if [ "$device" = auto ]; then
+    device="$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')"
+fi
+
+# 1. Data: the phantom, or the user's CHAOST2 copy.
+if [ -n "${DIFD_DATA_ROOT:-}" ]; then
+    data_root="$DIFD_DATA_ROOT"
+    echo "[demo] using the data root DIFD_DATA_ROOT=$data_root"
+else
+    data_root="$out/data"
+    echo "[demo] writing the phantom dataset to $data_root"
+    python -m data.phantom --out "$data_root" --n-cases "${DIFD_DEMO_CASES:-10}" \
+        --n-slices "${DIFD_DEMO_SLICES:-30}" --size "${DIFD_DEMO_PHANTOM_SIZE:-256}" --seed "${DIFD_DEMO_SEED:-0}"
+fi
+
+# 2. Supervoxels (spec section 2); kept when every image already has one (e.g. the published ones).
+sv_dir="$data_root/CHAOST2/supervoxels_$n_sv"
+image_dir="$data_root/CHAOST2/chaos_MR_T2_normalized"
+if [ ! -d "$image_dir" ]; then
+    echo "[demo] no CHAOST2 images under the data root: expected $image_dir" >&2
+    exit 1
+fi
+n_images=$(find "$image_dir" -name 'image_*.nii.gz' | wc -l)
+n_sv_files=0
+if [ -d "$sv_dir" ]; then
+    n_sv_files=$(find "$sv_dir" -name 'superpix-MIDDLE_*.nii.gz' | wc -l)
+fi
+if [ -z "${DIFD_DATA_ROOT:-}" ] || [ "$n_sv_files" -lt "$n_images" ]; then
+    echo "[demo] making supervoxels (min_size $n_sv) in $sv_dir"
+    python data/supervoxels/generate_supervoxels.py --dataset CHAOST2 --data-root "$data_root" \
+        --n-sv "$n_sv" --jobs "$(python -c 'import os; print(min(4, os.cpu_count() or 1))')"
+else
+    echo "[demo] using the existing supervoxels in $sv_dir"
+fi
+
+# 3. Configuration for this machine.
+common=(abd_mri setting1 "data_root=$data_root" "n_sv=$n_sv" "device=$device" "path.log_dir=$out/runs")
+if [ "$device" = cpu ]; then
+    # CPU: ResNet-101 from random initialisation (no pretrained weights offline) on small slices, a
+    # larger learning rate, no lr decay; min_size scaled with the slice area (200 px at 256 px).
+    size="${DIFD_DEMO_SIZE:-64}"
+    steps="${DIFD_DEMO_STEPS:-1000}"
+    lr="${DIFD_DEMO_LR:-0.01}"
+    min_size=$(( 200 * size * size / (256 * 256) ))
+    [ "$min_size" -ge 1 ] || min_size=1
+    exp_str=demo_cpu
+    config=("${common[@]}" "exp_str=$exp_str" "image_size=$size" "min_size=$min_size" "n_steps=$steps"
+        "max_iters_per_load=$steps" "save_snapshot_every=$steps" "print_interval=$(( steps < 50 ? 1 : 50 ))"
+        "optim.lr=$lr" "pretrained_weights=None" "num_workers=0")
+    test_config=("${common[@]}" "exp_str=$exp_str" "image_size=$size")
+else
+    # CUDA: the official schedule (40000 steps, native slices); COCO DeepLabV3 weights when their file is
+    # in torch's hub folder (no download here), else random initialisation.
+    steps="${DIFD_DEMO_STEPS:-40000}"
+    lr="${DIFD_DEMO_LR:-0.001}"
+    exp_str=demo_cuda
+    config=("${common[@]}" official_script "exp_str=$exp_str" "n_steps=$steps" "optim.lr=$lr")
+    if [ -n "${DIFD_DEMO_SIZE:-}" ]; then
+        config+=("image_size=$DIFD_DEMO_SIZE")
+    fi
+    weights="$(python -c 'import torch, pathlib; print(pathlib.Path(torch.hub.get_dir()) / "checkpoints" / "deeplabv3_resnet101_coco-586e9e4e.pth")')"
+    if [ ! -f "$weights" ]; then
+        echo "[demo] $weights not found: training from random initialisation (see README for the weights)"
+        config+=("pretrained_weights=None")
+    fi
+    test_config=("${common[@]}" official_script "exp_str=$exp_str")
+    if [ -n "${DIFD_DEMO_SIZE:-}" ]; then
+        test_config+=("image_size=$DIFD_DEMO_SIZE")
+    fi
+fi
+run_root="$out/runs/$exp_str"
+# A demo run starts from scratch: its previous run folder (snapshots, test runs) is removed.
+rm -rf "$run_root"
+
+# 4. Train and evaluate fold 0.
+echo "[demo] training on $device: ${config[*]}"
+python train.py with "${config[@]}"
+echo "[demo] evaluating fold 0"
+python test.py with "${test_config[@]}"
+
+# 5. Report.
+echo "[demo] per-organ Dice on the held-out fold 0:"
+python script/summarize.py "$run_root"
+test_dir="$(dirname "$(find "$run_root/fold0/test" -name results.json -printf '%T@ %p\n' | sort -n | tail -n 1 | cut -d' ' -f2)")"
+echo "[demo] predictions (NIfTI, query geometry): $test_dir/predictions/<ORGAN>/pred_<case>.nii.gz"
+echo "[demo] overlays (green ground truth, red prediction): $test_dir/overlays/<ORGAN>/"
+echo "[demo] results.json: $test_dir/results.json"
+echo "[demo] done in $(( SECONDS - start_time )) s"
