@@ -33,8 +33,9 @@ class DIFDOutput:
     ``query_probs (B, Q, 2, H, W)``: [bg, fg] probabilities of the queries.
     ``support_probs (B, S, 2, H, W)`` or None: prototype-alignment predictions of the support slices (computed
     for every episode, without a host synchronisation to find the skipped ones).
-    ``align_valid (B,)`` bool or None: False where the predicted query mask is empty; the official code skips
-    those episodes, and ``DIFDLoss`` gives them zero alignment loss.
+    ``align_valid (B,)`` bool or None: False where the predicted query mask is empty (query 0's; with
+    ``multi_shot='all'`` the union over queries); the official code skips those episodes, and ``DIFDLoss``
+    gives them zero alignment loss.
     """
 
     query_probs: Tensor
