@@ -5,6 +5,8 @@ A snapshot (``<run folder>/snapshots/<step>.pth``, the official naming) is a dic
     {"format": SNAPSHOT_FORMAT, "step": int, "model": state_dict, "optimizer": state_dict,
      "scheduler": state_dict, "rng": {"python", "numpy", "torch", "cuda"}, "config": dict}
 
+plus, for a ``torchrun`` run, ``"rng_ranks"``: every rank's RNG state (``rng`` is rank 0's).
+
 ``step`` is the number of optimisation steps already taken, which is also the index of the next episode
 to draw: the training episodes are a deterministic function of ``(seed, episode index)``, so the
 DataLoader position is restored by starting its sampler at ``step * batch_size``.
@@ -56,8 +58,11 @@ def save_snapshot(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     config: dict[str, Any],
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write a snapshot atomically: a temporary file in the same folder, then ``os.replace``.
+
+    ``rng_ranks``: the RNG states of every rank of a distributed run (rank order), stored as ``rng_ranks``.
 
     A run killed while writing therefore never leaves a truncated ``<step>.pth`` behind.
     """
@@ -72,6 +77,8 @@ def save_snapshot(
         "rng": capture_rng_state(),
         "config": config,
     }
+    if rng_ranks is not None:
+        payload["rng_ranks"] = rng_ranks
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(payload, tmp)

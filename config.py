@@ -14,8 +14,8 @@ working; the keys this project adds are documented in place. Every key is read b
 ``path.log_dri``, which Sacred itself lets through) is an error.
 
 Run folders: ``<path.log_dir>/<exp_str>/fold<eval_fold>/`` with ``train/<id>/`` and ``test/<id>/`` (Sacred
-``FileStorageObserver`` folders: resolved config, git commit, metrics, captured output) and
-``snapshots/<step>.pth``. Models never import this module.
+``FileStorageObserver`` folders: resolved config, git commit, metrics, captured output; under torchrun,
+rank 0's only) and ``snapshots/<step>.pth``. Models never import this module.
 """
 
 # Sacred config scopes define keys as local variables that look unused to a linter.
@@ -23,6 +23,7 @@ Run folders: ``<path.log_dir>/<exp_str>/fold<eval_fold>/`` with ``train/<id>/`` 
 
 from __future__ import annotations
 
+import os
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,11 @@ def base_config():
     decoder_extra_maps = False  # True: 2C+3 decoder input, loads official 1027-channel checkpoints
     region_sampling = "official"
     multi_shot = "official"  # 'official' (shot 0 drives the prediction) or 'all'
+
+    # speed (runtime.py); the defaults are the faithful numerics
+    precision = "fp32"  # 'fp32' or 'bf16' (bfloat16 autocast of the forward; the losses stay float32)
+    channels_last = False  # True: NHWC convolution weights (tensor-core friendly layout)
+    sgd_impl = None  # None: torch's default SGD kernels; 'foreach' or 'fused' (falls back to 'foreach')
 
     # outputs
     path = {"log_dir": "./runs"}
@@ -201,9 +207,10 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
         raise ValueError(
             f"mode={config['mode']!r} was given to the {command_name!r} script ({command_name}.py)"
         )
-    observer_dir = run_folder(config) / command_name
     ex.observers[:] = [obs for obs in ex.observers if not isinstance(obs, FileStorageObserver)]
-    ex.observers.append(FileStorageObserver(str(observer_dir)))
+    # Under torchrun only rank 0 owns the run folder (the other ranks would race for the same run id).
+    if int(os.environ.get("RANK", "0")) == 0:
+        ex.observers.append(FileStorageObserver(str(run_folder(config) / command_name)))
     return {"mode": command_name}
 
 

@@ -5,6 +5,8 @@ Prediction of one query volume: its labelled slices are split into ``n_part`` ch
 predicted with support slice ``k`` in ONE forward pass holding all the chunk's slices as queries
 (``Q = end - start``; the model treats the queries independently). The ``[bg, fg]`` probabilities are
 upsampled bilinearly to the native ``H x W`` when the model ran at another size, then the argmax is taken.
+With ``precision='bf16'`` the forward runs under bfloat16 autocast (:mod:`runtime`); the probabilities are
+cast to float32 before the upsampling and the argmax.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataloaders.io import Geometry, write_volume
+from runtime import autocast
 
 #: Overlay colours (BGR, as OpenCV writes them): ground truth green, prediction red.
 GT_COLOUR = (0, 255, 0)
@@ -31,6 +34,7 @@ def predict_query_volume(
     support: dict[str, torch.Tensor],
     query: dict[str, object],
     device: torch.device,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Binary prediction of a query volume's labelled slices (spec section 5, steps 3-4).
 
@@ -38,6 +42,7 @@ def predict_query_volume(
         support: ``imgs (n_part, 3, h, w)`` and ``masks (n_part, h, w)`` (``TestDataset.support()``).
         query: ``imgs (Zc, 3, h, w)``, ``labels (Zc, H, W)``, ``chunks`` and ``chunk_support``
             (``TestDataset[i]``).
+        precision: ``'fp32'`` or ``'bf16'`` (autocast of the forward on ``device``'s type).
 
     Returns:
         ``(Zc, H, W)`` int64 {0, 1} on the CPU, at the labels' (native) resolution.
@@ -51,9 +56,10 @@ def predict_query_volume(
         supp_imgs = support["imgs"][k : k + 1].unsqueeze(0).to(device)  # (1, 1, 3, h, w)
         supp_masks = support["masks"][k : k + 1].unsqueeze(0).to(device)  # (1, 1, h, w)
         qry_imgs = imgs[start:end].unsqueeze(0).to(device)  # (1, Q, 3, h, w)
-        probs = model(supp_imgs, supp_masks, qry_imgs).query_probs[0]  # (Q, 2, h, w)
+        with autocast(device, precision):
+            probs = model(supp_imgs, supp_masks, qry_imgs).query_probs[0].float()  # (Q, 2, h, w)
         if tuple(probs.shape[-2:]) != native_hw:
-            probs = F.interpolate(probs.float(), size=native_hw, mode="bilinear", align_corners=False)
+            probs = F.interpolate(probs, size=native_hw, mode="bilinear", align_corners=False)
         pred[start:end] = probs.argmax(dim=1).cpu()
     return pred
 

@@ -34,6 +34,7 @@ from dataloaders.io import read_volume
 from evaluation import predict_query_volume, save_overlay, save_prediction_nifti
 from metrics import dice_iou
 from models import build_difd
+from runtime import apply_memory_format, check_precision
 from utils import resolve_data_root, resolve_device, set_seed
 
 
@@ -75,9 +76,12 @@ def test(
     decoder_extra_maps: bool,
     region_sampling: str,
     multi_shot: str,
+    precision: str,
+    channels_last: bool,
 ) -> float:
     """Evaluate one fold; returns the mean Dice over the test classes."""
     config = json.loads(json.dumps(_config))
+    check_precision(precision)
     torch_device = resolve_device(device)
     set_seed(seed, deterministic)
     info = get_dataset_info(dataset)
@@ -102,7 +106,7 @@ def test(
             multi_shot=multi_shot,
         )
     load_model_weights(model, checkpoint)
-    model.to(torch_device).eval()
+    apply_memory_format(model.to(torch_device), channels_last).eval()
     out_dir = _output_dir(_run, config)
     _log.info(f"checkpoint {checkpoint}; device {torch_device}; outputs in {out_dir}")
 
@@ -134,7 +138,7 @@ def test(
                 _log.warning(f"{name}: query case {case_id} has no {name} voxels; skipped")
                 entry["skipped"].append(case_id)
                 continue
-            pred = predict_query_volume(model, support, query, torch_device)
+            pred = predict_query_volume(model, support, query, torch_device, precision)
             gt = query["labels"].numpy()
             dice, iou = dice_iou(pred.numpy(), gt)
             entry["dice"][str(case_id)] = dice

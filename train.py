@@ -17,6 +17,19 @@ starts at ``step * batch_size`` and owns its generator, and a snapshot holds the
 scheduler, step and global RNG states, so a resumed run follows the loss trajectory of an uninterrupted
 one. The first Ctrl-C (SIGINT) finishes the current step, writes a snapshot and stops; a second one stops
 at once.
+
+Speed switches (defaults: the faithful numerics; :mod:`runtime`): ``precision='bf16'`` runs the model's
+forward under bfloat16 autocast (the losses stay float32), ``channels_last=True`` stores the convolution
+weights NHWC, ``sgd_impl='foreach'|'fused'`` picks SGD's multi-tensor or fused kernels.
+
+Scale-out: ``torchrun --nproc_per_node=K train.py with ...`` trains with DistributedDataParallel (NCCL on
+CUDA, one GPU per process; gloo on CPU). ``batch_size`` is per process: each step draws ``K * batch_size``
+episodes, rank ``r`` takes the ``r``-th slice of ``batch_size`` of them, computes its loss exactly as a
+single process would and DDP averages the K gradients. Rank 0 alone writes the Sacred run folder, the
+logged losses (averaged over the ranks at the logging step, the only synchronisation) and the snapshots
+(of the unwrapped model). Each rank draws its dropout masks from its own stream (runtime.seed_ranks); a
+snapshot records the world size and every rank's RNG state, and a resume must use the same world size. Under
+torchrun a SIGINT stops at the next logging step (the ranks agree on it there).
 """
 
 from __future__ import annotations
@@ -27,13 +40,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import latest_snapshot, load_snapshot, restore_rng_state, save_snapshot
+from checkpoint import capture_rng_state, latest_snapshot, load_snapshot, restore_rng_state, save_snapshot
 from config import ex, run_folder
 from dataloaders import TrainDataset, get_dataset_info, list_cases, worker_init_fn
-from models import DIFDLoss, build_difd
+from models import DIFDLoss, DIFDOutput, build_difd
+from runtime import (
+    EpisodeIndices,
+    apply_memory_format,
+    autocast,
+    build_sgd,
+    check_precision,
+    init_distributed,
+    seed_ranks,
+    unwrap,
+    wrap_distributed,
+)
 from utils import resolve_data_root, resolve_device, set_seed
 
 #: torchvision's checkpoints for ``pretrained_weights``: file name (in ``torch.hub.get_dir()/checkpoints``
@@ -75,6 +100,9 @@ RESUME_MUST_MATCH = (
     "decoder_extra_maps",
     "region_sampling",
     "multi_shot",
+    "precision",
+    "channels_last",
+    "sgd_impl",
 )
 
 
@@ -146,6 +174,41 @@ def _check_values(cfg: dict[str, Any]) -> None:
     unknown_terms = set(cfg["loss_weights"]) - set(LOSS_TERMS)
     if unknown_terms:
         raise ValueError(f"loss_weights: unknown terms {sorted(unknown_terms)}; expected {LOSS_TERMS[:-1]}")
+    check_precision(cfg["precision"])
+    if not isinstance(cfg["channels_last"], bool):
+        raise ValueError(f"channels_last must be true or false, got {cfg['channels_last']!r}")
+
+
+def training_step(
+    model: torch.nn.Module,
+    loss_fn: DIFDLoss,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """One optimisation step on a batch of episodes; returns the detached loss terms ``(5,)`` on the device.
+
+    The forward runs under :func:`runtime.autocast`; the probabilities are cast to float32 for the losses
+    (their clamped logs and boundary sums need float32). This function adds no host synchronisation.
+    """
+    supp_imgs = batch["supp_imgs"].to(device, non_blocking=True)
+    supp_masks = batch["supp_masks"].to(device, non_blocking=True)
+    qry_imgs = batch["qry_imgs"].to(device, non_blocking=True)
+    qry_labels = batch["qry_labels"].to(device, non_blocking=True)
+    with autocast(device, precision):
+        out = model(supp_imgs, supp_masks, qry_imgs)
+    if precision != "fp32":
+        out = DIFDOutput(
+            out.query_probs.float(),
+            None if out.support_probs is None else out.support_probs.float(),
+            out.align_valid,
+        )
+    terms = loss_fn(out, qry_labels, supp_masks)
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    optimizer.step()
+    return torch.stack([terms[name].detach() for name in LOSS_TERMS])
 
 
 @ex.main
@@ -184,11 +247,17 @@ def train(
     decoder_extra_maps: bool,
     region_sampling: str,
     multi_shot: str,
+    precision: str,
+    channels_last: bool,
+    sgd_impl: str | None,
 ) -> str:
     """Train one fold; returns the path of the final snapshot."""
     config = _plain(_config)
     _check_values(config)
-    torch_device = resolve_device(device)
+    dist_context, torch_device = init_distributed(resolve_device(device))
+    world_size = dist_context.world_size
+    # Every rank builds the model from the same seed (same initial weights), then draws its dropout masks
+    # from its own stream (runtime.seed_ranks); snapshots keep every rank's RNG state.
     set_seed(seed, deterministic)
     weights_file = resolve_pretrained_path(pretrained_weights, pretrained_path)
     root = resolve_data_root(data_root)
@@ -202,7 +271,10 @@ def train(
             "that run, or choose another path.log_dir"
         )
 
-    _log.info(f"device {torch_device}; data root {root}; run folder {folder}")
+    _log.info(
+        f"device {torch_device}; data root {root}; run folder {folder}; "
+        f"rank {dist_context.rank} of {world_size}"
+    )
     train_set = TrainDataset(
         dataset,
         root,
@@ -216,7 +288,7 @@ def train(
         image_size=image_size,
         augment=True,
         seed=seed,
-        length=n_steps * batch_size,
+        length=n_steps * batch_size * world_size,
         n_sv=n_sv,
         case_ids=training_case_ids(dataset, root, eval_fold, use_gt, n_sv, max_volumes),
         test_labels=test_label,
@@ -230,9 +302,11 @@ def train(
         region_sampling=region_sampling,
         multi_shot=multi_shot,
     ).to(torch_device)
+    apply_memory_format(model, channels_last)
     model.train()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"]
+    seed_ranks(seed, dist_context, deterministic)
+    optimizer = build_sgd(
+        model.parameters(), optim["lr"], optim["momentum"], optim["weight_decay"], impl=sgd_impl
     )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=lr_milestones(n_steps, max_iters_per_load), gamma=lr_step_gamma
@@ -247,6 +321,8 @@ def train(
             for key in RESUME_MUST_MATCH
             if payload["config"].get(key) != config[key]
         }
+        if payload["config"].get("world_size", 1) != world_size:
+            changed["world_size (torchrun processes)"] = (payload["config"].get("world_size", 1), world_size)
         if changed:
             raise ValueError(
                 f"resume: these keys differ from the snapshot {newest} (snapshot, now): {changed}"
@@ -254,7 +330,7 @@ def train(
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        restore_rng_state(payload["rng"])
+        restore_rng_state(payload["rng_ranks"][dist_context.rank] if dist_context.enabled else payload["rng"])
         start_step = int(payload["step"])
         _log.info(f"resumed from {newest} at step {start_step}")
     elif resume:
@@ -262,11 +338,14 @@ def train(
     if start_step >= n_steps:
         _log.info(f"nothing to do: the newest snapshot is at step {start_step} of {n_steps}")
         return str(newest)
+    # Wrapped after loading, so the snapshot's (unprefixed) state dict loads into the plain model.
+    model = wrap_distributed(model, dist_context, torch_device)
+    snapshot_config = {**config, "world_size": world_size}
 
     loader = DataLoader(
         train_set,
         batch_size=batch_size,
-        sampler=range(start_step * batch_size, n_steps * batch_size),
+        sampler=EpisodeIndices(start_step, n_steps, batch_size, dist_context.rank, world_size),
         num_workers=num_workers,
         pin_memory=torch_device.type == "cuda",
         drop_last=True,
@@ -284,57 +363,71 @@ def train(
         signal.signal(signal.SIGINT, previous_handler)  # a second Ctrl-C stops at once
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    running = torch.zeros(len(LOSS_TERMS), device=torch_device)
+    # Loss sums, then one slot that counts the ranks asking to stop (summed over ranks when logging).
+    running = torch.zeros(len(LOSS_TERMS) + 1, device=torch_device)
     n_running = 0
     step = start_step
-    progress = tqdm(total=n_steps, initial=start_step, desc=f"{dataset} fold {eval_fold}", dynamic_ncols=True)
+    progress = tqdm(
+        total=n_steps,
+        initial=start_step,
+        desc=f"{dataset} fold {eval_fold}",
+        dynamic_ncols=True,
+        disable=not dist_context.is_main,
+    )
     try:
         for batch in loader:
-            supp_imgs = batch["supp_imgs"].to(torch_device, non_blocking=True)
-            supp_masks = batch["supp_masks"].to(torch_device, non_blocking=True)
-            qry_imgs = batch["qry_imgs"].to(torch_device, non_blocking=True)
-            qry_labels = batch["qry_labels"].to(torch_device, non_blocking=True)
-
-            out = model(supp_imgs, supp_masks, qry_imgs)
-            terms = loss_fn(out, qry_labels, supp_masks)
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
+            running[:-1] += training_step(model, loss_fn, optimizer, batch, torch_device, precision)
             scheduler.step()
             step += 1
             progress.update(1)
-
-            running += torch.stack([terms[name].detach() for name in LOSS_TERMS])
             n_running += 1
+            stop_now = stop_requested and not dist_context.enabled
             if step % print_interval == 0 or step == n_steps:
+                if dist_context.enabled:
+                    running[-1] = float(stop_requested)
+                    dist.all_reduce(running)
+                    running[:-1] /= world_size
                 means = (running / n_running).tolist()  # the only host-device synchronisation
-                for name, value in zip(LOSS_TERMS, means, strict=True):
-                    _run.log_scalar(name, value, step)
-                progress.set_postfix(
-                    {name: f"{value:.4f}" for name, value in zip(LOSS_TERMS, means, strict=True)}
-                )
-                _log.info(
-                    f"step {step}: "
-                    + ", ".join(f"{name} {value:.5f}" for name, value in zip(LOSS_TERMS, means, strict=True))
-                    + f", lr {scheduler.get_last_lr()[0]:.3g}"
-                )
+                stop_now = stop_now or means[-1] > 0
+                means = means[:-1]
+                if dist_context.is_main:
+                    for name, value in zip(LOSS_TERMS, means, strict=True):
+                        _run.log_scalar(name, value, step)
+                    progress.set_postfix(
+                        {name: f"{value:.4f}" for name, value in zip(LOSS_TERMS, means, strict=True)}
+                    )
+                    _log.info(
+                        f"step {step}: "
+                        + ", ".join(
+                            f"{name} {value:.5f}" for name, value in zip(LOSS_TERMS, means, strict=True)
+                        )
+                        + f", lr {scheduler.get_last_lr()[0]:.3g}"
+                    )
                 running.zero_()
                 n_running = 0
-            if step % save_snapshot_every == 0 or step == n_steps or stop_requested:
-                path = save_snapshot(
-                    snapshot_dir / f"{step}.pth",
-                    step=step,
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    config=config,
-                )
-                _log.info(f"snapshot {path}")
-            if stop_requested:
+            if step % save_snapshot_every == 0 or step == n_steps or stop_now:
+                rng_ranks = None
+                if dist_context.enabled:
+                    rng_ranks = [None] * world_size
+                    dist.all_gather_object(rng_ranks, capture_rng_state())
+                if dist_context.is_main:
+                    path = save_snapshot(
+                        snapshot_dir / f"{step}.pth",
+                        step=step,
+                        model=unwrap(model),
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        config=snapshot_config,
+                        rng_ranks=rng_ranks,
+                    )
+                    _log.info(f"snapshot {path}")
+            if stop_now:
                 raise KeyboardInterrupt(f"stopped at step {step}; continue with resume=True")
     finally:
         progress.close()
         signal.signal(signal.SIGINT, previous_handler)
+        if dist_context.enabled and dist.is_initialized():
+            dist.destroy_process_group()
     final = snapshot_dir / f"{n_steps}.pth"
     _run.info["final_snapshot"] = str(final)
     return str(final)

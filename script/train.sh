@@ -4,6 +4,11 @@
 #   e.g. bash script/train.sh abd_ct setting2 pretrained_path=/data/weights/deeplabv3_resnet101_coco-586e9e4e.pth
 # Folds: FOLDS="0 1 2 3 4" (default). Each fold gets its own run folder runs/<DATASET>_setting<k>/fold<f>/;
 # an interrupted fold continues with: bash script/train.sh <dataset> <setting> resume=True
+# GPUs: the folds are spread over the visible GPUs, one training process per GPU (CUDA_VISIBLE_DEVICES
+# set per fold), in groups of the GPU count run in parallel; GPUS="0 1" picks them, GPUS="" (or no GPU)
+# trains the folds one after another on the default device. Each parallel fold logs to
+# runs/train_<dataset>_<setting>_fold<f>.log. To put several GPUs on ONE fold instead, use torchrun:
+#   torchrun --nproc_per_node=4 train.py with abd_mri setting1 official_script eval_fold=0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,8 +19,41 @@ case "$DATASET" in abd_mri|abd_ct|cmr) ;; *) echo "dataset must be abd_mri, abd_
 case "$SETTING" in setting1|setting2) ;; *) echo "setting must be setting1 or setting2, got '$SETTING'" >&2; exit 2;; esac
 PYTHON="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 FOLDS="${FOLDS:-0 1 2 3 4}"
+if [ -z "${GPUS+set}" ]; then
+    GPUS="$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr '\n' ' ' || true)"
+fi
+read -r -a gpu_list <<< "$GPUS"
+read -r -a fold_list <<< "$FOLDS"
 
-for fold in $FOLDS; do
-    echo "=== train $DATASET $SETTING fold $fold ==="
-    "$PYTHON" train.py with "$DATASET" "$SETTING" official_script eval_fold="$fold" "$@"
+if [ "${#gpu_list[@]}" -le 1 ]; then
+    for fold in "${fold_list[@]}"; do
+        echo "=== train $DATASET $SETTING fold $fold${gpu_list[0]:+ (GPU ${gpu_list[0]})} ==="
+        if [ "${#gpu_list[@]}" -eq 1 ]; then
+            CUDA_VISIBLE_DEVICES="${gpu_list[0]}" "$PYTHON" train.py with "$DATASET" "$SETTING" official_script eval_fold="$fold" "$@"
+        else
+            "$PYTHON" train.py with "$DATASET" "$SETTING" official_script eval_fold="$fold" "$@"
+        fi
+    done
+    exit 0
+fi
+
+mkdir -p runs
+failed=0
+for ((start = 0; start < ${#fold_list[@]}; start += ${#gpu_list[@]})); do
+    pids=()
+    for ((k = 0; k < ${#gpu_list[@]} && start + k < ${#fold_list[@]}; k++)); do
+        fold="${fold_list[start + k]}"
+        log="runs/train_${DATASET}_${SETTING}_fold${fold}.log"
+        echo "=== train $DATASET $SETTING fold $fold on GPU ${gpu_list[k]} (log $log) ==="
+        CUDA_VISIBLE_DEVICES="${gpu_list[k]}" "$PYTHON" train.py with "$DATASET" "$SETTING" official_script \
+            eval_fold="$fold" "$@" > "$log" 2>&1 &
+        pids+=("$!:$fold")
+    done
+    for entry in "${pids[@]}"; do
+        if ! wait "${entry%%:*}"; then
+            echo "fold ${entry##*:} failed: see runs/train_${DATASET}_${SETTING}_fold${entry##*:}.log" >&2
+            failed=1
+        fi
+    done
 done
+exit "$failed"
