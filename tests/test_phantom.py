@@ -94,7 +94,7 @@ def test_written_geometry_and_cli(tmp_path) -> None:
     start = time.perf_counter()
     main(["--out", str(tmp_path), "--n-cases", "2", "--n-slices", "30", "--seed", "5"])
     elapsed = time.perf_counter() - start
-    assert elapsed < 10.0, f"2 cases took {elapsed:.1f} s"
+    assert elapsed < 20.0, f"2 cases took {elapsed:.1f} s"
     folder = tmp_path / "CHAOST2" / "chaos_MR_T2_normalized"
     assert sorted(p.name for p in folder.iterdir()) == [
         "image_1.nii.gz", "image_2.nii.gz", "label_1.nii.gz", "label_2.nii.gz",
