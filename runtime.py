@@ -30,10 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models import DIFDLoss, DIFDOutput
 from utils import set_seed
 
 logger = logging.getLogger(__name__)
 
+#: Loss terms of DIFDLoss, in the order they are logged.
+LOSS_TERMS = ("query_nll", "query_boundary", "align_nll", "align_boundary", "total")
 PRECISIONS = ("fp32", "bf16")
 SGD_IMPLS = (None, "foreach", "fused")
 
@@ -90,6 +93,38 @@ def build_sgd(
     if impl == "foreach":
         return torch.optim.SGD(params, foreach=True, **kwargs)
     return torch.optim.SGD(params, **kwargs)
+
+
+def training_step(
+    model: nn.Module,
+    loss_fn: DIFDLoss,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """One optimisation step on a batch of episodes; returns the detached loss terms ``(5,)`` on the device.
+
+    The forward runs under :func:`runtime.autocast`; the probabilities are cast to float32 for the losses
+    (their clamped logs and boundary sums need float32). This function adds no host synchronisation.
+    """
+    supp_imgs = batch["supp_imgs"].to(device, non_blocking=True)
+    supp_masks = batch["supp_masks"].to(device, non_blocking=True)
+    qry_imgs = batch["qry_imgs"].to(device, non_blocking=True)
+    qry_labels = batch["qry_labels"].to(device, non_blocking=True)
+    with autocast(device, precision):
+        out = model(supp_imgs, supp_masks, qry_imgs)
+    if precision != "fp32":
+        out = DIFDOutput(
+            out.query_probs.float(),
+            None if out.support_probs is None else out.support_probs.float(),
+            out.align_valid,
+        )
+    terms = loss_fn(out, qry_labels, supp_masks)
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    optimizer.step()
+    return torch.stack([terms[name].detach() for name in LOSS_TERMS])
 
 
 def freeze_unused_parameters(model: nn.Module) -> list[str]:

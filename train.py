@@ -47,15 +47,16 @@ from tqdm import tqdm
 from checkpoint import capture_rng_state, latest_snapshot, load_snapshot, restore_rng_state, save_snapshot
 from config import ex, run_folder
 from dataloaders import TrainDataset, get_dataset_info, list_cases, worker_init_fn
-from models import DIFDLoss, DIFDOutput, build_difd
+from models import DIFDLoss, build_difd
 from runtime import (
+    LOSS_TERMS,
     EpisodeIndices,
     apply_memory_format,
-    autocast,
     build_sgd,
     check_precision,
     init_distributed,
     seed_ranks,
+    training_step,
     unwrap,
     wrap_distributed,
 )
@@ -70,9 +71,6 @@ PRETRAINED_FILES = {
     ),
     "resnet101": ("resnet101-63fe2227.pth", "https://download.pytorch.org/models/resnet101-63fe2227.pth"),
 }
-
-#: Loss terms of DIFDLoss, in the order they are logged.
-LOSS_TERMS = ("query_nll", "query_boundary", "align_nll", "align_boundary", "total")
 
 #: Config keys that decide the loss trajectory: a resumed run must use the snapshot's values.
 RESUME_MUST_MATCH = (
@@ -177,38 +175,6 @@ def _check_values(cfg: dict[str, Any]) -> None:
     check_precision(cfg["precision"])
     if not isinstance(cfg["channels_last"], bool):
         raise ValueError(f"channels_last must be true or false, got {cfg['channels_last']!r}")
-
-
-def training_step(
-    model: torch.nn.Module,
-    loss_fn: DIFDLoss,
-    optimizer: torch.optim.Optimizer,
-    batch: dict[str, torch.Tensor],
-    device: torch.device,
-    precision: str = "fp32",
-) -> torch.Tensor:
-    """One optimisation step on a batch of episodes; returns the detached loss terms ``(5,)`` on the device.
-
-    The forward runs under :func:`runtime.autocast`; the probabilities are cast to float32 for the losses
-    (their clamped logs and boundary sums need float32). This function adds no host synchronisation.
-    """
-    supp_imgs = batch["supp_imgs"].to(device, non_blocking=True)
-    supp_masks = batch["supp_masks"].to(device, non_blocking=True)
-    qry_imgs = batch["qry_imgs"].to(device, non_blocking=True)
-    qry_labels = batch["qry_labels"].to(device, non_blocking=True)
-    with autocast(device, precision):
-        out = model(supp_imgs, supp_masks, qry_imgs)
-    if precision != "fp32":
-        out = DIFDOutput(
-            out.query_probs.float(),
-            None if out.support_probs is None else out.support_probs.float(),
-            out.align_valid,
-        )
-    terms = loss_fn(out, qry_labels, supp_masks)
-    optimizer.zero_grad(set_to_none=True)
-    terms["total"].backward()
-    optimizer.step()
-    return torch.stack([terms[name].detach() for name in LOSS_TERMS])
 
 
 @ex.main

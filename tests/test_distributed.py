@@ -2,7 +2,7 @@
 
 * Two ranks spawned with ``torch.multiprocessing`` train a small DIFD (injected encoder with BatchNorm and an
   unused ``reduce2`` convolution, as the ResNet-101 encoder has) for three steps through
-  ``train.training_step``: their parameters must stay identical, and match one process that computes each
+  ``runtime.training_step``: their parameters must stay identical, and match one process that computes each
   rank's slice of the combined batch separately (same per-episode computation: BatchNorm statistics over
   the slice, dropout masks from that rank's RNG stream) and averages the gradients.
 * ``train.py`` under ``torchrun`` (debug config on the real CHAOST2 copy): rank 0 alone writes the run
@@ -39,7 +39,15 @@ from models.difd import DIFD
 from models.dual_interspersion import DualInterspersion
 from models.flexible_deployment import FlexibleDeployment
 from models.fusion_refinement import InteractiveFusionRefinement
-from runtime import EpisodeIndices, build_sgd, init_distributed, rank_seed, seed_ranks, wrap_distributed
+from runtime import (
+    EpisodeIndices,
+    build_sgd,
+    init_distributed,
+    rank_seed,
+    seed_ranks,
+    training_step,
+    wrap_distributed,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
@@ -103,8 +111,6 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _rank_worker(rank: int, port: int, out_dir: str) -> None:
-    from train import training_step  # imported in the child: the module registers a Sacred experiment
-
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

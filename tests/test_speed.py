@@ -27,7 +27,14 @@ from models.difd import DIFD
 from models.dual_interspersion import DualInterspersion
 from models.flexible_deployment import FlexibleDeployment
 from models.fusion_refinement import InteractiveFusionRefinement
-from runtime import apply_memory_format, autocast, build_sgd, check_precision, freeze_unused_parameters
+from runtime import (
+    apply_memory_format,
+    autocast,
+    build_sgd,
+    check_precision,
+    freeze_unused_parameters,
+    training_step,
+)
 
 SIZE = 64
 BF16_MEAN_TOL, BF16_MAX_TOL = 0.03, 0.2
@@ -129,8 +136,6 @@ class _SmallEncoder(nn.Module):
 
 
 def test_bf16_training_step_and_bad_options():
-    from train import training_step
-
     torch.manual_seed(0)
     model = DIFD(
         encoder=_SmallEncoder(),
