@@ -206,7 +206,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="image height and width")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument(
+        "--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="none: loader"
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--eval-chunk", type=int, default=8, help="query slices per evaluation forward")
@@ -229,7 +231,8 @@ def main() -> None:
     print(f"DIFD speed: {args.size}x{args.size}, 1 shot, 1 query, device {name}, torch {torch.__version__}")
     print(f"median of {args.repeats} runs after {args.warmup} warm-ups; eval chunk {args.eval_chunk} slices")
     print(f"  {'prec':<5} {'model':<14} {'train ms':>10} {'eval ms/sl':>10} {'peak mem':>10} {'40k min':>10}")
-    model_rows(args, device)
+    if args.precisions:
+        model_rows(args, device)
     if args.workers:
         loader_rate(args)
 
