@@ -107,6 +107,22 @@ def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats
     return 1e3 * statistics.median(times)
 
 
+def count_syncs(step: Callable[[], None], device: torch.device) -> None:
+    """Run one step with CUDA's synchronisation debug mode and print the host syncs it reports."""
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    print(f"  host-device synchronisations in one fast training step: {len(syncs)}", flush=True)
+    for place in sorted(set(syncs)):
+        print(f"    {syncs.count(place)} x {place}", flush=True)
+
+
 def model_rows(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, float, float, str]]:
     """``(precision, variant, train ms, eval ms per slice, peak memory)`` for every row."""
     torch.manual_seed(0)
@@ -159,6 +175,8 @@ def model_rows(args: argparse.Namespace, device: torch.device) -> list[tuple[str
                 peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
             eval_ms = median_ms(eval_chunk, device, args.warmup, args.repeats) / args.eval_chunk
             rows.append((precision, variant, train_ms, eval_ms, peak))
+            if device.type == "cuda" and variant == "fast" and precision == args.precisions[0]:
+                count_syncs(train_step, device)
             print(
                 f"  {precision:<5} {variant:<14} {train_ms:10.1f} {eval_ms:10.2f} {peak:>10} "
                 f"{train_ms * OFFICIAL_STEPS / 6e4:10.1f}",
