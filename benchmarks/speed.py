@@ -22,7 +22,7 @@ through a DataLoader with each of ``--workers`` (0 = main process). With SimpleI
 real CHAOST2 volumes (``loader: CHAOST2``); otherwise (e.g. a GPU host without SimpleITK) it builds
 ``TrainDataset`` on synthetic in-memory volumes of CHAOST2's size (``loader: synthetic``: 8 volumes of
 36 slices, smooth random images, block supervoxels of 6 slices x 32 x 32 px), so the same sampling and
-augmentation code runs. Needs torch, torchvision, numpy and OpenCV only (no Sacred, SimpleITK, nibabel).
+augmentation code runs. Needs torch, torchvision, numpy and OpenCV only (no Sacred, SimpleITK or nibabel).
 """
 
 from __future__ import annotations
