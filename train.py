@@ -104,6 +104,10 @@ RESUME_MUST_MATCH = (
 )
 
 
+#: Values of the speed keys in snapshots written before those keys existed (the faithful numerics).
+SPEED_KEY_DEFAULTS = {"precision": "fp32", "channels_last": False, "sgd_impl": None}
+
+
 def resolve_pretrained_path(pretrained_weights: str | None, pretrained_path: str | None) -> Path | None:
     """The local checkpoint file for ``pretrained_weights``, checked to exist (None when no weights).
 
@@ -282,13 +286,12 @@ def train(
     start_step = 0
     if resume and newest is not None:
         payload = load_snapshot(newest)
+        saved = {**SPEED_KEY_DEFAULTS, **payload["config"]}
         changed = {
-            key: (payload["config"].get(key), config[key])
-            for key in RESUME_MUST_MATCH
-            if payload["config"].get(key) != config[key]
+            key: (saved.get(key), config[key]) for key in RESUME_MUST_MATCH if saved.get(key) != config[key]
         }
-        if payload["config"].get("world_size", 1) != world_size:
-            changed["world_size (torchrun processes)"] = (payload["config"].get("world_size", 1), world_size)
+        if saved.get("world_size", 1) != world_size:
+            changed["world_size (torchrun processes)"] = (saved.get("world_size", 1), world_size)
         if changed:
             raise ValueError(
                 f"resume: these keys differ from the snapshot {newest} (snapshot, now): {changed}"
