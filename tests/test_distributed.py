@@ -8,7 +8,7 @@
 * ``train.py`` under ``torchrun`` (debug config on the real CHAOST2 copy): rank 0 alone writes the run
   folder and the snapshots; step 2 of the two-rank run equals one step, from the step-1 snapshot (with
   each rank's saved RNG state), on the gradient averaged over episodes 2 and 3 computed separately; a
-  single-process resume of it is refused.
+  two-rank resume from the step-1 snapshot repeats step 2 exactly; a single-process resume is refused.
 
 Tolerance: the two sides add the same float32 gradients in a different order (gloo's all-reduce then /2,
 versus accumulating halves); with one CPU thread on both sides (as here) the observed difference is 0 for
@@ -31,7 +31,6 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from checkpoint import restore_rng_state
 from dataloaders import TrainDataset, get_dataset_info, list_cases
 from models import DIFDLoss, build_difd
 from models.decoder import Decoder
@@ -225,14 +224,18 @@ def test_train_py_under_torchrun(mini_root: Path, tmp_path: Path, one_thread):
     from train import training_case_ids
 
     common = [f"data_root={mini_root}", "eval_fold=1", f"path.log_dir={tmp_path}", "n_steps=2"]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
-        f"--master_port={_free_port()}", str(REPO / "train.py"), "with", "debug", "save_snapshot_every=1",
-        *common,
-    ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-4000:]
+
+    def torchrun(*overrides: str) -> None:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}",
+            f"--master_port={_free_port()}", str(REPO / "train.py"), "with", "debug", "save_snapshot_every=1",
+            *common, *overrides,
+        ]  # fmt: skip
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    torchrun()
     fold_dir = tmp_path / "CHAOST2_setting1" / "fold1"
     runs = sorted(p.name for p in (fold_dir / "train").iterdir() if p.name.isdigit())
     assert runs == ["1"], "rank 1 must not open a run"
@@ -259,10 +262,15 @@ def test_train_py_under_torchrun(mini_root: Path, tmp_path: Path, one_thread):
     optimizer.load_state_dict(first["optimizer"])
     # Step 2 of the two-rank run: episodes 2 (rank 0) and 3 (rank 1), each a batch of one.
     batches = [{k: torch.as_tensor(v).unsqueeze(0) for k, v in dataset[i].items()} for i in (2, 3)]
-    rank_states = first["rng_ranks"]
-    _reference_step(model, optimizer, batches, [state["torch"] for state in rank_states])
-    restore_rng_state(rank_states[0])  # leaves the global state as a snapshot would (no other effect)
+    _reference_step(model, optimizer, batches, [state["torch"] for state in first["rng_ranks"]])
     _assert_parameters_close(second["model"], model)
+
+    # Exact resume: from the step-1 snapshot, the two ranks redo step 2 bit for bit.
+    (fold_dir / "snapshots" / "2.pth").rename(tmp_path / "uninterrupted_2.pth")
+    torchrun("resume=True")
+    again = load_snapshot(fold_dir / "snapshots" / "2.pth")
+    for name, value in second["model"].items():
+        assert torch.equal(again["model"][name], value), f"resumed run differs in {name}"
 
     resumed = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "with", "debug", *common, "n_steps=3", "resume=True"],
