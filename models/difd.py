@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from models.decoder import Decoder
-from models.dual_interspersion import MAP_EPS, DualInterspersion, masked_sum
+from models.dual_interspersion import MAP_EPS, DualInterspersion, InterspersionPlan, masked_sum
 from models.flexible_deployment import FlexibleDeployment
 from models.fusion_refinement import InteractiveFusionRefinement
 
@@ -120,6 +120,9 @@ class DIFD(nn.Module):
         _check_inputs(supp_imgs, supp_masks, qry_imgs)
         b, s, _, height, width = supp_imgs.shape
         q = qry_imgs.shape[1]
+        # DI's mask-only plan holds its host synchronisation: made before the encoder is queued, it finds
+        # an idle device instead of draining the encoder's work.
+        plan = self._interspersion_plan(supp_masks.to(supp_imgs.dtype))
         # One encoder batch for supports and queries, as the official code (BatchNorm statistics in training).
         feats, t = self.encoder(torch.cat([supp_imgs.flatten(0, 1), qry_imgs.flatten(0, 1)]))
         supp_feats = feats[: b * s].unflatten(0, (b, s))
@@ -127,14 +130,16 @@ class DIFD(nn.Module):
         t_supp = t[: b * s].view(b, s)[:, 0]  # support threshold = shot 0's
         t_qry = t[b * s :].view(b, q)
         masks = supp_masks.to(feats.dtype)
-        query_probs = self.segment(supp_feats, masks, qry_feats, t_qry, t_supp, (height, width))
+        query_probs = self.segment(supp_feats, masks, qry_feats, t_qry, t_supp, (height, width), plan)
         if not (self.training if align is None else align):
             return DIFDOutput(query_probs)
 
         # Prototype alignment: the queries with their predicted masks become the support ("shots",
         # PANet-style; query 0 alone with multi_shot='official'), each support slice becomes a query. The
         # pseudo-mask threshold stays the query's (query 0's) and the deployment threshold the support's,
-        # as in the forward.
+        # as in the forward. The alignment's DI plan needs the predicted mask: the one host
+        # synchronisation of a training step that must wait for the device (the official SI sub-sample
+        # draw depends on how many windows of the predicted mask qualify).
         pred_masks = (query_probs[:, :, 1] > query_probs[:, :, 0]).to(feats.dtype)  # argmax, ties → bg
         n_align = 1 if self.multi_shot == "official" else q
         align_masks = pred_masks[:, :n_align]
@@ -157,21 +162,22 @@ class DIFD(nn.Module):
         t_query: Tensor,
         t_support: Tensor,
         image_size: tuple[int, int],
+        plan: InterspersionPlan | None = None,
     ) -> Tensor:
         """The head: DI on the support, IFR + FD per query, decoders, [bg, fg] softmax.
 
         Shape: ``support_feats (B, S, C, h, w)``, ``support_masks (B, S, H, W)``,
-        ``query_feats (B, Q, C, h, w)``, ``t_query (B, Q)``, ``t_support (B,)`` → ``(B, Q, 2, H, W)``.
+        ``query_feats (B, Q, C, h, w)``, ``t_query (B, Q)``, ``t_support (B,)`` → ``(B, Q, 2, H, W)``;
+        ``plan``: DI's plan of ``support_masks`` (:meth:`_interspersion_plan`), made here when not given.
         """
         b, s, c, h, w = support_feats.shape
         q = query_feats.shape[1]
         n_di = 1 if self.multi_shot == "official" else s
         di_feats = support_feats[:, :n_di]
         di_masks = support_masks[:, :n_di]
-        fg_on = support_masks.flatten(1).any(1)  # per episode over all shots, as the official code decides
-        sets = self.interspersion(
-            di_feats.flatten(0, 1), di_masks.flatten(0, 1), fg_on.repeat_interleave(n_di)
-        )
+        if plan is None:
+            plan = self._interspersion_plan(support_masks)
+        sets = self.interspersion(di_feats.flatten(0, 1), plan=plan)
 
         if self.deployment.extra_maps:
             proto_fg, proto_bg = self._global_prototypes(support_feats, support_masks)
@@ -192,6 +198,15 @@ class DIFD(nn.Module):
         logits = torch.cat([bg_logits, fg_logits], 1)
         logits = F.interpolate(logits, size=image_size, mode="bilinear", align_corners=True)
         return torch.softmax(logits, dim=1).view(b, q, 2, *image_size)
+
+    def _interspersion_plan(self, support_masks: Tensor) -> InterspersionPlan:
+        """DI's mask-only plan for the shots that feed DI (shot 0, or all with ``multi_shot='all'``).
+
+        Shape: ``support_masks (B, S, H, W)`` → plan over ``B·S'`` sources.
+        """
+        n_di = 1 if self.multi_shot == "official" else support_masks.shape[1]
+        fg_on = support_masks.flatten(1).any(1)  # per episode over all shots, as the official code decides
+        return self.interspersion.plan(support_masks[:, :n_di].flatten(0, 1), fg_on.repeat_interleave(n_di))
 
     @staticmethod
     def _global_prototypes(support_feats: Tensor, support_masks: Tensor) -> tuple[Tensor, Tensor]:

@@ -62,6 +62,37 @@ class PrototypeSets:
     bg_valid: Tensor
 
 
+@dataclass
+class BranchPlan:
+    """Mask-only description of one branch's padded set ``[global, SI…, RI…]``.
+
+    Shape: ``rect_index (N, P)`` (row of ``InterspersionPlan.rects``), ``si_pixel (N, P)`` (entry is a
+    single pixel feature, SI fallback), ``pixel (N, Kmax)`` row-major pixel indices or None when no source
+    fell back to pixels, ``valid (N, P)``, ``scale (N, P)`` float64 (``1 / (count + 1e-5)``, 1 for pixel
+    entries, 0 for invalid entries).
+    """
+
+    rect_index: Tensor
+    si_pixel: Tensor
+    pixel: Tensor | None
+    valid: Tensor
+    scale: Tensor
+
+
+@dataclass
+class InterspersionPlan:
+    """What DI decides from the masks alone (:meth:`DualInterspersion.plan`).
+
+    Shape: ``mask (N, H, W)`` float64, ``rects (K, 4)`` int64 ``(row0, row1, col0, col1)`` end exclusive
+    (whole image, SI windows, RI boxes), ``fg`` / ``bg`` branch plans.
+    """
+
+    mask: Tensor
+    rects: Tensor
+    fg: BranchPlan
+    bg: BranchPlan
+
+
 def draw_boxes(
     height: int, width: int, seed: int, n_boxes: int = N_BOXES
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -239,16 +270,17 @@ class DualInterspersion(nn.Module):
         seed = int(torch.randint(2**31 - 1, (1,)))
         return seed, draw_boxes(height, width, seed)
 
-    def forward(self, features: Tensor, masks: Tensor, fg_on: Tensor) -> PrototypeSets:
-        """Build the padded sets.
+    def plan(self, masks: Tensor, fg_on: Tensor) -> InterspersionPlan:
+        """Everything DI decides from the masks alone: pixel counts, qualifying windows and boxes, the SI
+        sub-sample plan, and for every entry of both sets its rectangle, validity and normalisation.
 
-        Shape: ``features (N, C, h, w)`` (encoder resolution; DI works on their bilinear upsampling to the
-        mask size), ``masks (N, H, W)`` in {0, 1}, ``fg_on (N,)`` bool (SI fg runs only for episodes whose
-        support mask is non-empty; the official code decides this per episode over all shots) →
-        ``PrototypeSets``.
+        This holds DI's one host synchronisation (the SI sub-sample sizes depend on how many windows
+        qualify). Called on the support masks before the encoder is queued, it finds an idle device.
+        Shape: ``masks (N, H, W)`` in {0, 1}, ``fg_on (N,)`` bool (SI fg runs only for episodes whose
+        support mask is non-empty; the official code decides this per episode over all shots).
         """
         height, width = masks.shape[-2:]
-        device = features.device
+        device = masks.device
         seed, boxes = self._seed_and_boxes(height, width)
         windows = window_grid(height, width)
         n_windows = windows[0].numel()
@@ -284,45 +316,30 @@ class DualInterspersion(nn.Module):
             [fg_on.long(), win_fg.sum(1), n_fg.long(), win_bg.sum(1), n_bg.long()], 1
         ).tolist()
         plans = [subsample_plan(bool(f), wf, pf, wb, pb, seed) for f, wf, pf, wb, pb in counts]
-
-        u_h = bilinear_weights(height, features.shape[-2], device)
-        u_w = bilinear_weights(width, features.shape[-1], device)
-        branches = []
-        for slot, branch_mask, win_ok, box_ok, count in (
-            (0, mask, win_fg, box_fg, count_fg),
-            (2, 1 - mask, win_bg, box_bg, count_bg),
-        ):
-            branches.append(
-                self._branch(
-                    features, branch_mask, plans, slot, win_ok, box_ok, count, rects, n_windows, u_h, u_w
-                )
-            )
-        (fg, fg_valid), (bg, bg_valid) = branches
-        return PrototypeSets(fg=fg, fg_valid=fg_valid, bg=bg, bg_valid=bg_valid)
+        return InterspersionPlan(
+            mask=mask,
+            rects=rects,
+            fg=self._branch_plan(mask, plans, 0, win_fg, box_fg, count_fg, n_windows),
+            bg=self._branch_plan(1 - mask, plans, 2, win_bg, box_bg, count_bg, n_windows),
+        )
 
     @staticmethod
-    def _branch(
-        features: Tensor,
+    def _branch_plan(
         branch_mask: Tensor,
         plans: list[tuple[str, tuple[int, ...], str, tuple[int, ...]]],
         slot: int,
         win_ok: Tensor,
         box_ok: Tensor,
         count: Tensor,
-        rects: Tensor,
         n_windows: int,
-        u_h: Tensor,
-        u_w: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """One branch's set ``[global, SI…, RI…]``.
+    ) -> BranchPlan:
+        """Entries of one branch's set ``[global, SI…, RI…]``: rectangle, pixel fallback, validity, scale.
 
-        Shape: ``features (N, C, h, w)``, ``branch_mask (N, H, W)`` float64, ``win_ok (N, nw)``,
-        ``box_ok (N, 100)``, ``count (N, K)``, ``rects (K, 4)``, ``u_h (H, h)``, ``u_w (W, w)`` →
-        ``(N, P, C)``, ``(N, P)``.
+        Shape: ``branch_mask (N, H, W)`` float64, ``win_ok (N, nw)``, ``box_ok (N, 100)``, ``count (N, K)``
+        → ``BranchPlan`` of ``(N, P)`` tensors.
         """
-        n, c, h, w = features.shape
-        device, dtype = features.device, features.dtype
-        height, width = branch_mask.shape[-2:]
+        n = branch_mask.shape[0]
+        device = branch_mask.device
         pixel_sources = [p[slot] == "pixel" for p in plans]
         is_pixel = torch.tensor(pixel_sources, device=device)
         ranks, si_valid = _padded([p[slot + 1] for p in plans], device)
@@ -337,7 +354,58 @@ class DualInterspersion(nn.Module):
         si_pixel = torch.cat(
             [torch.zeros_like(ones), is_pixel.unsqueeze(1) & si_valid, torch.zeros_like(box_ok)], 1
         )  # entries that are single pixel features
-        chosen = rects[rect_index]  # (N, P, 4)
+        scale = 1 / (count.gather(1, rect_index) + MAP_EPS)
+        pixel = None
+        if any(pixel_sources):  # known on the host from the plan: sources whose SI fell back to pixels
+            pixel = _kth_true(branch_mask.flatten(1) > 0.5, ranks)  # (N, Kmax) row-major pixel index
+            scale = torch.where(si_pixel, 1.0, scale)
+        scale = torch.where(valid, scale, 0.0)
+        return BranchPlan(rect_index=rect_index, si_pixel=si_pixel, pixel=pixel, valid=valid, scale=scale)
+
+    def forward(
+        self,
+        features: Tensor,
+        masks: Tensor | None = None,
+        fg_on: Tensor | None = None,
+        plan: InterspersionPlan | None = None,
+    ) -> PrototypeSets:
+        """Build the padded sets from the features and a plan (made from ``masks`` and ``fg_on`` when not
+        given; see :meth:`plan`). No host synchronisation once the plan exists.
+
+        Shape: ``features (N, C, h, w)`` (encoder resolution; DI works on their bilinear upsampling to the
+        mask size), ``masks (N, H, W)`` in {0, 1}, ``fg_on (N,)`` bool → ``PrototypeSets``.
+        """
+        if plan is None:
+            if masks is None or fg_on is None:
+                raise ValueError("DualInterspersion: give either masks and fg_on, or a plan")
+            plan = self.plan(masks, fg_on)
+        height, width = plan.mask.shape[-2:]
+        device = features.device
+        u_h = bilinear_weights(height, features.shape[-2], device)
+        u_w = bilinear_weights(width, features.shape[-1], device)
+        fg, fg_valid = self._branch(features, plan.mask, plan.fg, plan.rects, u_h, u_w)
+        bg, bg_valid = self._branch(features, 1 - plan.mask, plan.bg, plan.rects, u_h, u_w)
+        return PrototypeSets(fg=fg, fg_valid=fg_valid, bg=bg, bg_valid=bg_valid)
+
+    @staticmethod
+    def _branch(
+        features: Tensor,
+        branch_mask: Tensor,
+        entries: BranchPlan,
+        rects: Tensor,
+        u_h: Tensor,
+        u_w: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """One branch's set ``[global, SI…, RI…]`` from its plan.
+
+        Shape: ``features (N, C, h, w)``, ``branch_mask (N, H, W)`` float64, ``rects (K, 4)``,
+        ``u_h (H, h)``, ``u_w (W, w)`` → ``(N, P, C)``, ``(N, P)``.
+        """
+        n, c, h, w = features.shape
+        dtype = features.dtype
+        device = features.device
+        height, width = branch_mask.shape[-2:]
+        chosen = rects[entries.rect_index]  # (N, P, 4)
 
         # Kernel of each rectangle: U_hᵀ (M ∘ 1_rect) U_w, from running column sums of M·U_w (float64).
         col_running = nn.functional.pad(
@@ -355,16 +423,14 @@ class DualInterspersion(nn.Module):
             dtype
         )  # (N,P,h,H)
         kernel = torch.matmul(row_weights, strip)  # (N, P, h, w)
-        scale = 1 / (count.gather(1, rect_index) + MAP_EPS)
 
-        if any(pixel_sources):  # known on the host from the plan: sources whose SI fell back to pixels
-            pixel = _kth_true(branch_mask.flatten(1) > 0.5, ranks)  # (N, Kmax) row-major pixel index
+        if entries.pixel is not None:
+            pixel = entries.pixel
             pix_kernel = u_h[pixel // width].unsqueeze(-1) * u_w[pixel % width].unsqueeze(
                 -2
             )  # (N, Kmax, h, w)
-            pix_kernel = nn.functional.pad(pix_kernel, (0, 0, 0, 0, 1, n_boxes)).to(dtype)
-            kernel = torch.where(si_pixel[..., None, None], pix_kernel, kernel)
-            scale = torch.where(si_pixel, 1.0, scale)
-        scale = torch.where(valid, scale, 0.0).to(dtype)
+            n_after = p - 1 - pix_kernel.shape[1]  # RI entries after the SI block
+            pix_kernel = nn.functional.pad(pix_kernel, (0, 0, 0, 0, 1, n_after)).to(dtype)
+            kernel = torch.where(entries.si_pixel[..., None, None], pix_kernel, kernel)
         protos = torch.matmul(kernel.flatten(2), features.flatten(2).transpose(1, 2))  # (N, P, C)
-        return protos * scale.unsqueeze(-1), valid
+        return protos * entries.scale.to(dtype).unsqueeze(-1), entries.valid
