@@ -29,8 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
+
+from dataloaders.io import require_simpleitk
+
+sitk = require_simpleitk("the phantom generator (data/phantom.py)")
 
 #: CHAOST2 label values (spec section 1).
 LABELS = {"LIVER": 1, "RK": 2, "LK": 3, "SPLEEN": 4}

@@ -25,7 +25,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
+
+from dataloaders.io import require_simpleitk
+
+sitk = require_simpleitk("data preprocessing (data/preprocessing.py)")
 
 #: Intensities above this percentile of the volume are clipped (MR datasets).
 CLIP_PERCENTILE = 99.5

@@ -2,7 +2,15 @@
 
 Axis order: SimpleITK's ``GetArrayFromImage`` gives ``(Z, H, W)`` = (slice, row, column), the order every
 array in this project uses. Geometry is kept as SimpleITK reports it: ``spacing`` and ``origin`` in
-``(x, y, z)`` order (millimetres), ``direction`` the row-major 3x3 cosine matrix as 9 floats.
+``(x, y, z)`` order (millimetres), ``direction`` the row-major 3x3 cosine matrix as 9 floats, all in ITK's
+LPS world frame.
+
+Two NIfTI backends give the same arrays, dtypes and geometry: SimpleITK (the default when it is importable)
+and nibabel (pure Python, so a GPU host can train and test without SimpleITK). ``NIFTI_BACKEND`` is chosen
+once at import, ``$DIFD_NIFTI_BACKEND`` (``sitk`` or ``nibabel``) overrides it, and every reader/writer
+takes ``backend=`` for a single call. nibabel's ``(x, y, z)`` array is transposed to ``(Z, H, W)``; its RAS
+affine becomes LPS by negating the first two rows; spacing = column norms, direction = normalised columns.
+Data preprocessing and supervoxel generation still need SimpleITK (:func:`require_simpleitk`).
 
 Files of a dataset ``<data_root>/<NAME>/<image_folder>/image_<id>.nii.gz``, ``label_<id>.nii.gz`` and
 ``<data_root>/<NAME>/supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz`` are paired by the integer ``<id>`` in
@@ -17,14 +25,76 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import SimpleITK as sitk
 
 from .datasets import DatasetInfo, get_dataset_info
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+#: NIfTI backends: SimpleITK and nibabel.
+NIFTI_BACKENDS = ("sitk", "nibabel")
+#: ITK's world frame is LPS, nibabel's RAS: the first two world axes change sign.
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def select_nifti_backend(requested: str | None = None) -> str:
+    """The NIfTI backend to use: ``requested`` (``'sitk'`` or ``'nibabel'``) when given, otherwise
+    ``'sitk'`` if SimpleITK imports and ``'nibabel'`` if not."""
+    if requested:
+        name = requested.strip().lower()
+        if name not in NIFTI_BACKENDS:
+            raise ValueError(f"unknown NIfTI backend {requested!r}; expected one of {NIFTI_BACKENDS}")
+        return name
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        return "nibabel"
+    return "sitk"
+
+
+#: Backend of every reader and writer here unless a call passes ``backend=``.
+NIFTI_BACKEND = select_nifti_backend(os.environ.get("DIFD_NIFTI_BACKEND"))
+
+
+def require_simpleitk(purpose: str) -> ModuleType:
+    """The SimpleITK module, or ``ImportError`` saying that ``purpose`` needs it."""
+    try:
+        import SimpleITK
+    except ImportError as err:
+        raise ImportError(
+            f"{purpose} needs SimpleITK (pip install SimpleITK, pinned in requirements.txt); training and "
+            "testing do not (they read NIfTI with nibabel when SimpleITK is missing)"
+        ) from err
+    return SimpleITK
+
+
+def _require_nibabel() -> ModuleType:
+    try:
+        import nibabel
+    except ImportError as err:
+        raise ImportError(
+            "the nibabel NIfTI backend needs nibabel (pip install nibabel, pinned in requirements.txt)"
+        ) from err
+    return nibabel
+
+
+def _backend(backend: str | None) -> str:
+    return NIFTI_BACKEND if backend is None else select_nifti_backend(backend)
+
+
+def _reason(err: BaseException) -> str:
+    """Last line of an exception's message (SimpleITK's are multi-line), or its type when empty."""
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
+
 
 #: channels one OpenCV call accepts (CV_CN_MAX: 512 in OpenCV 4, 128 in OpenCV 5)
 CV_MAX_CHANNELS = 128
@@ -52,6 +122,26 @@ class Geometry:
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
         return image
+
+    @classmethod
+    def from_ras_affine(cls, affine: np.ndarray) -> Geometry:
+        """Geometry of a nibabel ``(4, 4)`` voxel-to-RAS affine (no shear: columns are spacing x cosines)."""
+        lps = RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)[:3]
+        spacing = np.linalg.norm(lps[:, :3], axis=0)
+        direction = lps[:, :3] / spacing
+        return cls(
+            spacing=tuple(float(v) for v in spacing),
+            origin=tuple(float(v) for v in lps[:, 3]),
+            direction=tuple(float(v) for v in direction.ravel()),
+        )
+
+    def ras_affine(self) -> np.ndarray:
+        """The ``(4, 4)`` voxel-to-RAS affine nibabel writes for this geometry."""
+        affine = np.eye(4)
+        affine[:3, :3] = np.asarray(self.direction, dtype=np.float64).reshape(3, 3) * np.asarray(self.spacing)
+        affine[:3, 3] = self.origin
+        affine[:3] = RAS_TO_LPS @ affine[:3]
+        return affine
 
 
 @dataclass(frozen=True)
@@ -147,21 +237,62 @@ def list_cases(
     ]
 
 
-def read_header(path: str | os.PathLike) -> tuple[tuple[int, int, int], Geometry]:
+def read_header(path: str | os.PathLike, backend: str | None = None) -> tuple[tuple[int, int, int], Geometry]:
     """Shape ``(Z, H, W)`` and geometry of a 3-D volume without reading its voxels."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"volume not found: {path}")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise ValueError(f"cannot read the header of {path}: {str(err).strip().splitlines()[-1]}") from err
-    size = reader.GetSize()
+    if _backend(backend) == "sitk":
+        sitk = require_simpleitk("the SimpleITK NIfTI backend")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as err:
+            raise ValueError(f"cannot read the header of {path}: {_reason(err)}") from err
+        size = reader.GetSize()
+        geometry = Geometry.from_image(reader)
+    else:
+        image = _nibabel_load(path, "the header of ")
+        size = _nibabel_shape(image.shape)
+        if len(size) == 3:
+            geometry = _nibabel_geometry(image)
     if len(size) != 3:
         raise ValueError(f"{path}: expected a 3-D volume, found {len(size)} dimensions (size {size})")
-    return (int(size[2]), int(size[1]), int(size[0])), Geometry.from_image(reader)
+    return (int(size[2]), int(size[1]), int(size[0])), geometry
+
+
+#: What nibabel raises on files it cannot parse or decompress.
+_NIBABEL_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
+
+
+def _nibabel_load(path: Path, what: str = "") -> Any:
+    """``nibabel.load`` (header only); a parse failure raises ``ValueError`` naming ``what`` and the file."""
+    nib = _require_nibabel()
+    try:
+        return nib.load(str(path))
+    except (nib.filebasedimages.ImageFileError, *_NIBABEL_READ_ERRORS) as err:
+        raise ValueError(f"cannot read {what}{path}: {_reason(err)}") from err
+
+
+def _nibabel_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``(x, y, z, ...)`` without trailing size-1 axes beyond the third (ITK drops them as well)."""
+    shape = tuple(int(v) for v in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _nibabel_geometry(image: Any) -> Geometry:
+    """LPS geometry of a nibabel image; without qform and sform ITK's default (origin 0, identity)."""
+    header = image.header
+    if "qform_code" in header and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        return Geometry(
+            spacing=tuple(float(v) for v in header.get_zooms()[:3]),
+            origin=(0.0, 0.0, 0.0),
+            direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        )
+    return Geometry.from_ras_affine(image.affine)
 
 
 def _check_nifti_complete(path: Path) -> None:
@@ -206,21 +337,26 @@ def _check_nifti_complete(path: Path) -> None:
         )
 
 
-def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+def read_volume(path: str | os.PathLike, backend: str | None = None) -> tuple[np.ndarray, Geometry]:
     """Read a 3-D volume. Returns the ``(Z, H, W)`` array (stored dtype) and its geometry.
 
-    A missing file raises ``FileNotFoundError``; an unreadable, truncated or non-3-D one ``ValueError``,
-    both naming the file.
+    Scaled NIfTI data (``scl_slope``/``scl_inter`` not 1/0) come back as float32 (float64 when stored as
+    float64), as SimpleITK returns them. A missing file raises ``FileNotFoundError``; an unreadable,
+    truncated or non-3-D one ``ValueError``, both naming the file. ``backend``: ``'sitk'``, ``'nibabel'``
+    or None for ``NIFTI_BACKEND``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"volume not found: {path}")
     if path.name.endswith((".nii", ".nii.gz")):
         _check_nifti_complete(path)
+    if _backend(backend) == "nibabel":
+        return _nibabel_read_volume(path)
+    sitk = require_simpleitk("the SimpleITK NIfTI backend")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
-        raise ValueError(f"cannot read {path}: {str(err).strip().splitlines()[-1]}") from err
+        raise ValueError(f"cannot read {path}: {_reason(err)}") from err
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(
             f"{path}: expected a scalar 3-D volume, found {image.GetDimension()} dimensions with "
@@ -229,11 +365,50 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     return sitk.GetArrayFromImage(image), Geometry.from_image(image)
 
 
-def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> None:
-    """Write a ``(Z, H, W)`` array with ``geometry`` (e.g. a prediction saved beside its query volume)."""
+def _nibabel_read_volume(path: Path) -> tuple[np.ndarray, Geometry]:
+    """``read_volume`` with nibabel: the ``(x, y, z)`` data transposed to a C-ordered ``(Z, H, W)``."""
+    image = _nibabel_load(path)
+    shape = _nibabel_shape(image.shape)
+    if len(shape) != 3:
+        raise ValueError(
+            f"{path}: expected a scalar 3-D volume, found {len(shape)} dimensions (shape {image.shape})"
+        )
+    proxy = image.dataobj
+    try:
+        raw = np.asarray(proxy.get_unscaled()).reshape(shape)
+    except _NIBABEL_READ_ERRORS as err:
+        raise ValueError(f"cannot read {path}: {_reason(err)}") from err
+    if not raw.dtype.isnative:
+        raw = raw.astype(raw.dtype.newbyteorder("="))
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if (slope, inter) != (1.0, 0.0):
+        # ITK rescales into float32 (float64 data stay float64)
+        target = np.float64 if raw.dtype == np.float64 else np.float32
+        raw = (raw.astype(np.float64) * slope + inter).astype(target)
+    return np.ascontiguousarray(raw.T), _nibabel_geometry(image)
+
+
+def write_volume(
+    array: np.ndarray, geometry: Geometry, path: str | os.PathLike, backend: str | None = None
+) -> None:
+    """Write a ``(Z, H, W)`` array with ``geometry`` (e.g. a prediction saved beside its query volume).
+
+    Both backends write the array's dtype, qform and sform (code 1, scanner) and millimetre units, so either
+    reads the file back with the same array and geometry.
+    """
     if array.ndim != 3:
         raise ValueError(f"write_volume: expected a (Z, H, W) array, got shape {array.shape}")
-    sitk.WriteImage(geometry.apply_to(sitk.GetImageFromArray(array)), str(path))
+    if _backend(backend) == "sitk":
+        sitk = require_simpleitk("the SimpleITK NIfTI backend")
+        sitk.WriteImage(geometry.apply_to(sitk.GetImageFromArray(array)), str(path))
+        return
+    nib = _require_nibabel()
+    affine = geometry.ras_affine()
+    image = nib.Nifti1Image(np.asarray(array).T, affine, dtype=array.dtype)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    nib.save(image, str(path))
 
 
 def check_case(case: CaseFiles) -> tuple[tuple[int, int, int], Geometry]:

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -47,6 +46,9 @@ from data.preprocessing import (  # noqa: E402
     select_ids,
     write_case,
 )
+from dataloaders.io import require_simpleitk  # noqa: E402
+
+sitk = require_simpleitk("data/CMR/preprocess.py")
 
 #: Target spacing (x, y, z) in mm.
 SPACING = (1.25, 1.25, 7.99)

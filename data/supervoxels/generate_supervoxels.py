@@ -39,12 +39,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
 
 from dataloaders.datasets import DATASETS, DatasetInfo, get_dataset_info
-from dataloaders.io import Geometry, read_volume, write_volume
+from dataloaders.io import Geometry, read_volume, require_simpleitk, write_volume
 
 try:
     from data.supervoxels.felzenszwalb_3d_cy import felzenszwalb_3d
@@ -53,6 +52,8 @@ except ImportError as err:  # the compiled extension is a build output, not in g
         "the supervoxel extension is not built; run from the repository root: "
         "python data/supervoxels/setup.py build_ext --inplace"
     ) from err
+
+sitk = require_simpleitk("supervoxel generation (data/supervoxels/generate_supervoxels.py)")
 
 #: Foreground threshold on the 0-255 volume (published value).
 FOREGROUND_THRESHOLD = 10.0
