@@ -18,11 +18,12 @@ chunk of ``--eval-chunk`` query slices, as ``test.py`` batches them, divided by 
 memory of the training step (n/a on CPU) and the projected time of a 40000-step ``official_script`` run.
 
 Loader: episodes per second of ``TrainDataset`` (gamma, affine and elastic augmentation at ``--size``)
-through a DataLoader with each of ``--workers`` (0 = main process). With SimpleITK and a data root it reads
-real CHAOST2 volumes (``loader: CHAOST2``); otherwise (e.g. a GPU host without SimpleITK) it builds
-``TrainDataset`` on synthetic in-memory volumes of CHAOST2's size (``loader: synthetic``: 8 volumes of
-36 slices, smooth random images, block supervoxels of 6 slices x 32 x 32 px), so the same sampling and
-augmentation code runs. Needs torch, torchvision, numpy and OpenCV only (no Sacred, SimpleITK or nibabel).
+through a DataLoader with each of ``--workers`` (0 = main process). With a NIfTI reader (SimpleITK or
+nibabel, see ``dataloaders.io``) and a data root it reads real CHAOST2 volumes (``loader: CHAOST2``);
+otherwise (e.g. a GPU host with neither, or no data) it builds ``TrainDataset`` on synthetic in-memory
+volumes of CHAOST2's size (``loader: synthetic``: 8 volumes of 36 slices, smooth random images, block
+supervoxels of 6 slices x 32 x 32 px), so the same sampling and augmentation code runs. Needs torch,
+torchvision, numpy and OpenCV only (no Sacred; SimpleITK or nibabel only for the real volumes).
 """
 
 from __future__ import annotations
@@ -30,9 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -41,22 +40,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-try:
-    import SimpleITK  # noqa: F401
-
-    HAVE_SITK = True
-except ImportError:
-    # dataloaders.io imports SimpleITK at module level; the synthetic loader never calls it.
-    sys.modules["SimpleITK"] = types.ModuleType("SimpleITK")
-    HAVE_SITK = False
-
-from benchmarks.model import episode  # noqa: E402
-from dataloaders import TrainDataset, worker_init_fn  # noqa: E402
-from dataloaders.io import CaseFiles, CaseVolume, Geometry  # noqa: E402
-from models import DIFDLoss, build_difd  # noqa: E402
-from runtime import apply_memory_format, autocast, build_sgd, training_step  # noqa: E402
-from tests.naive_difd import naive_forward, naive_losses  # noqa: E402
-from utils import resolve_data_root  # noqa: E402
+from benchmarks.model import episode
+from dataloaders import TrainDataset, worker_init_fn
+from dataloaders.io import CaseFiles, CaseVolume, Geometry
+from models import DIFDLoss, build_difd
+from runtime import apply_memory_format, autocast, build_sgd, training_step
+from tests.naive_difd import naive_forward, naive_losses
+from utils import resolve_data_root
 
 OFFICIAL_STEPS = 40000
 VARIANTS = ("naive", "fast", "fast+cl+fused")
@@ -195,11 +185,11 @@ def loader_rate(args: argparse.Namespace) -> None:
         "min_size": max(1, round(200 * (args.size / 256) ** 2)),
     }
     source = "synthetic"
-    if HAVE_SITK and not args.synthetic_loader:
+    if not args.synthetic_loader:
         try:
             dataset = TrainDataset("CHAOST2", resolve_data_root(args.data_root), 0, **kwargs)
             source = "CHAOST2 fold 0"
-        except FileNotFoundError:
+        except (FileNotFoundError, ImportError):  # no data here, or no NIfTI reader installed
             dataset = SyntheticTrainDataset(**kwargs)
     else:
         dataset = SyntheticTrainDataset(**kwargs)
