@@ -12,13 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DATASET="${1:-abd_mri}"
-SETTING="${2:-setting1}"
-shift $(($# < 2 ? $# : 2))
-case "$DATASET" in abd_mri|abd_ct|cmr) ;; *) echo "dataset must be abd_mri, abd_ct or cmr, got '$DATASET'" >&2; exit 2;; esac
-case "$SETTING" in setting1|setting2) ;; *) echo "setting must be setting1 or setting2, got '$SETTING'" >&2; exit 2;; esac
-PYTHON="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
-FOLDS="${FOLDS:-0 1 2 3 4}"
+# shellcheck source=script/fold_args.sh
+source script/fold_args.sh
 if [ -z "${GPUS+set}" ]; then
     GPUS="$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr '\n' ' ' || true)"
 fi
