@@ -33,11 +33,7 @@ from torch import nn
 
 from dataloaders import TrainDataset, get_dataset_info, list_cases
 from models import DIFDLoss, build_difd
-from models.decoder import Decoder
 from models.difd import DIFD
-from models.dual_interspersion import DualInterspersion
-from models.flexible_deployment import FlexibleDeployment
-from models.fusion_refinement import InteractiveFusionRefinement
 from runtime import (
     EpisodeIndices,
     build_sgd,
@@ -47,6 +43,7 @@ from runtime import (
     training_step,
     wrap_distributed,
 )
+from tests.tiny_difd import TinyEncoder, tiny_difd
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZE = 2
@@ -62,31 +59,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class _SmallEncoder(nn.Module):
-    """``(N, 3, H, W)`` → ``((N, 8, H/4, W/4), (N,))``, with BatchNorm and an unused ``reduce2``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 1)
-        self.reduce2 = nn.Conv2d(8, 8, kernel_size=1, bias=False)  # never used, like the ResNet encoder's
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = torch.relu(self.bn(self.conv(x)))
-        return features, self.head(features.mean(dim=(2, 3))).squeeze(1)
-
-
 def _small_model() -> DIFD:
     torch.manual_seed(0)
-    return DIFD(
-        encoder=_SmallEncoder(),
-        fuse=InteractiveFusionRefinement(),
-        deployment=FlexibleDeployment(),
-        interspersion=DualInterspersion(),
-        decoder1=Decoder(2 * 8 + 1, reduce_dim=8),
-        decoder2=Decoder(2 * 8 + 1, reduce_dim=8),
-    ).train()
+    return tiny_difd(8, reduce_dim=8, encoder=TinyEncoder(8, batch_norm=True, unused_reduce2=True)).train()
 
 
 def _episodes(indices: list[int]) -> dict[str, torch.Tensor]:
@@ -201,7 +176,7 @@ def test_two_gloo_ranks_stay_identical_and_match_the_averaged_gradient(tmp_path:
         )
     _assert_parameters_close(rank0, model)
     assert torch.equal(rank0["encoder.reduce2.weight"], initial["encoder.reduce2.weight"])
-    assert not torch.equal(rank0["encoder.conv.weight"], initial["encoder.conv.weight"]), "no training"
+    assert not torch.equal(rank0["encoder.stem.weight"], initial["encoder.stem.weight"]), "no training"
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from torch import nn
 
 from dataloaders import get_dataset_info, list_cases
 from evaluation import predict_query_volume
 from metrics import dice_iou
-from models import DIFD
-from models.decoder import Decoder
-from models.dual_interspersion import DualInterspersion
-from models.flexible_deployment import FlexibleDeployment
-from models.fusion_refinement import InteractiveFusionRefinement
+from tests.tiny_difd import tiny_difd
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_CLASS = 2  # RK: few labelled slices, so the evaluation is cheap
@@ -174,29 +169,9 @@ def test_interrupted_run_resumes_on_the_same_trajectory(reference_run: Path, min
             )
 
 
-class _TinyEncoder(nn.Module):
-    """Stand-in encoder: ``(N, 3, H, W)`` → ``((N, 8, H/4, W/4), (N,))``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
-        self.head = nn.Linear(8, 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.conv(x)
-        return features, self.head(features.mean(dim=(2, 3))).squeeze(1)
-
-
 def test_batched_chunk_prediction_equals_one_slice_at_a_time():
     torch.manual_seed(0)
-    model = DIFD(
-        encoder=_TinyEncoder(),
-        fuse=InteractiveFusionRefinement(),
-        deployment=FlexibleDeployment(),
-        interspersion=DualInterspersion(),
-        decoder1=Decoder(2 * 8 + 1, reduce_dim=8),
-        decoder2=Decoder(2 * 8 + 1, reduce_dim=8),
-    ).eval()
+    model = tiny_difd(8, reduce_dim=8).eval()
     support = {"imgs": torch.randn(3, 3, 32, 32), "masks": torch.zeros(3, 32, 32)}
     support["masks"][:, 8:20, 10:24] = 1
     n_slices = 7

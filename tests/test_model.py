@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from models import DIFD, DIFDLoss, build_difd
-from models.decoder import Decoder
 from models.difd import DIFDOutput
 from models.dual_interspersion import (
     OFFICIAL_SEED,
@@ -27,9 +26,8 @@ from models.dual_interspersion import (
     masked_sum,
     subsample_plan,
 )
-from models.flexible_deployment import FlexibleDeployment
-from models.fusion_refinement import InteractiveFusionRefinement
 from tests.naive_difd import naive_boxes, naive_forward, naive_losses
+from tests.tiny_difd import TinyEncoder, tiny_difd
 
 F64_TOL = {"atol": 1e-9, "rtol": 1e-7}
 F32_TOL = {"atol": 2e-5, "rtol": 1e-4}
@@ -45,19 +43,6 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-class TinyEncoder(nn.Module):
-    """Conv stem to ``(N, C, H/4, W/4)`` features and a linear threshold per image."""
-
-    def __init__(self, channels: int = CHANNELS) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, channels, kernel_size=4, stride=4)
-        self.head = nn.Linear(channels, 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.stem(x)
-        return feats, self.head(feats.mean((2, 3))).squeeze(1)
-
-
 def tiny_model(
     dtype=torch.float64,
     seed: int = 1,
@@ -67,15 +52,11 @@ def tiny_model(
 ) -> DIFD:
     """DIFD composed from injected parts: the tiny encoder and 16-wide decoders."""
     torch.manual_seed(seed)
-    encoder = TinyEncoder()
-    in_channels = 2 * CHANNELS + (3 if decoder_extra_maps else 1)
-    model = DIFD(
-        encoder=encoder,
-        fuse=InteractiveFusionRefinement(),
-        deployment=FlexibleDeployment(extra_maps=decoder_extra_maps),
-        interspersion=DualInterspersion(region_sampling=region_sampling),
-        decoder1=Decoder(in_channels, reduce_dim=16),
-        decoder2=Decoder(in_channels, reduce_dim=16),
+    model = tiny_difd(
+        CHANNELS,
+        reduce_dim=16,
+        decoder_extra_maps=decoder_extra_maps,
+        region_sampling=region_sampling,
         multi_shot=multi_shot,
     )
     return model.to(dtype).eval()

@@ -97,7 +97,10 @@ def test_written_geometry_and_cli(tmp_path) -> None:
     assert elapsed < 20.0, f"2 cases took {elapsed:.1f} s"
     folder = tmp_path / "CHAOST2" / "chaos_MR_T2_normalized"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "image_1.nii.gz", "image_2.nii.gz", "label_1.nii.gz", "label_2.nii.gz",
+        "image_1.nii.gz",
+        "image_2.nii.gz",
+        "label_1.nii.gz",
+        "label_2.nii.gz",
     ]
     for name in ("image_2.nii.gz", "label_2.nii.gz"):
         itk = sitk.ReadImage(str(folder / name))

@@ -22,11 +22,6 @@ from torch import nn
 
 from dataloaders import TestDataset
 from models import DIFDLoss, build_difd
-from models.decoder import Decoder
-from models.difd import DIFD
-from models.dual_interspersion import DualInterspersion
-from models.flexible_deployment import FlexibleDeployment
-from models.fusion_refinement import InteractiveFusionRefinement
 from runtime import (
     apply_memory_format,
     autocast,
@@ -35,6 +30,7 @@ from runtime import (
     freeze_unused_parameters,
     training_step,
 )
+from tests.tiny_difd import TinyEncoder, tiny_difd
 
 SIZE = 64
 BF16_MEAN_TOL, BF16_MAX_TOL = 0.03, 0.2
@@ -121,30 +117,9 @@ def test_sgd_kernels_agree():
         build_sgd([nn.Parameter(torch.zeros(1))], 0.1, 0.9, 0.0, impl="adam")
 
 
-class _SmallEncoder(nn.Module):
-    """``(N, 3, H, W)`` → ``((N, 8, H/4, W/4), (N,))``, with an unused ``reduce2`` like the ResNet encoder."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
-        self.head = nn.Linear(8, 1)
-        self.reduce2 = nn.Conv2d(8, 8, kernel_size=1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.conv(x)
-        return features, self.head(features.mean(dim=(2, 3))).squeeze(1)
-
-
 def test_bf16_training_step_and_bad_options():
     torch.manual_seed(0)
-    model = DIFD(
-        encoder=_SmallEncoder(),
-        fuse=InteractiveFusionRefinement(),
-        deployment=FlexibleDeployment(),
-        interspersion=DualInterspersion(),
-        decoder1=Decoder(2 * 8 + 1, reduce_dim=8),
-        decoder2=Decoder(2 * 8 + 1, reduce_dim=8),
-    ).train()
+    model = tiny_difd(8, reduce_dim=8, encoder=TinyEncoder(8, unused_reduce2=True)).train()
     assert freeze_unused_parameters(model) == ["encoder.reduce2.weight"]
     optimizer = build_sgd(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     size = 32
