@@ -30,7 +30,6 @@ from sacred.observers import FileStorageObserver
 from checkpoint import latest_snapshot, load_model_weights
 from config import ex, run_folder
 from dataloaders import TestDataset, get_dataset_info
-from dataloaders.io import read_volume
 from evaluation import predict_query_volume, save_overlay, save_prediction_nifti
 from metrics import dice_iou
 from models import build_difd
@@ -152,9 +151,8 @@ def test(
             )
             middle = len(gt) // 2
             z = int(query["slice_indices"][middle])
-            image, _ = read_volume(query["image_path"])
             save_overlay(
-                image[z],
+                query["native_image"][z],
                 gt[middle],
                 pred[middle].numpy(),
                 out_dir / "overlays" / name / f"case{case_id}_z{z}.png",

@@ -35,7 +35,7 @@ import torch
 from .datasets import DatasetInfo, get_dataset_info
 from .io import (
     CaseFiles,
-    Geometry,
+    CaseVolume,
     check_case,
     list_cases,
     normalize_volume,
@@ -82,8 +82,8 @@ class TestDataset:
     ``imgs (Zc, 3, h, w)`` float32 of its ``Zc`` labelled slices, ``labels (Zc, H, W)`` int64 {0,1} at native
     resolution, ``slice_indices (Zc,)`` int64, ``chunks`` list of ``n_part`` ``(start, end)``,
     ``chunk_support`` list (support slice of each chunk), ``geometry`` (:class:`~dataloaders.io.Geometry`),
-    ``native_shape (Z, H, W)``, ``image_path``. A query volume without the class has ``Zc = 0`` and only
-    empty chunks; the caller decides how to score it.
+    ``native_shape (Z, H, W)``, ``native_image (Z, H, W)`` (the image as stored, for displays). A query
+    volume without the class has ``Zc = 0`` and only empty chunks; the caller decides how to score it.
     """
 
     __test__ = False  # not a pytest test class despite its name
@@ -123,15 +123,15 @@ class TestDataset:
         self.query_cases: list[CaseFiles] = [c for c in fold_cases if c is not self.support_case]
         self._support = self._load_support()
 
-    def _labelled(self, case: CaseFiles) -> tuple[np.ndarray, np.ndarray, np.ndarray, Geometry]:
-        """Normalised image, binary label and the labelled slice indices of one case."""
+    def _labelled(self, case: CaseFiles) -> tuple[CaseVolume, np.ndarray, np.ndarray, np.ndarray]:
+        """The case as read, its normalised image, binary label and the labelled slice indices."""
         volume = read_case(case, self.info)
         image = normalize_volume(volume.image, case.image)
         label = (volume.label == self.test_label).astype(np.int64)
-        return image, label, np.flatnonzero(label.any(axis=(1, 2))), volume.geometry
+        return volume, image, label, np.flatnonzero(label.any(axis=(1, 2)))
 
     def _load_support(self) -> dict[str, torch.Tensor | int]:
-        image, label, labelled, _ = self._labelled(self.support_case)
+        _, image, label, labelled = self._labelled(self.support_case)
         if len(labelled) == 0:
             raise ValueError(
                 f"support volume {self.support_case.label} has no {self.info.class_name(self.test_label)} "
@@ -159,7 +159,7 @@ class TestDataset:
         if not -len(self) <= index < len(self):
             raise IndexError(f"query index {index} out of range for {len(self)} query volumes")
         case = self.query_cases[index]
-        image, label, labelled, geometry = self._labelled(case)
+        volume, image, label, labelled = self._labelled(case)
         imgs = resize_slices(image[labelled], self.image_size, nearest=False)
         return {
             "case_id": case.case_id,
@@ -168,9 +168,9 @@ class TestDataset:
             "slice_indices": torch.from_numpy(labelled.astype(np.int64)),
             "chunks": chunk_bounds(len(labelled), self.n_part),
             "chunk_support": list(range(self.n_part)),
-            "geometry": geometry,
+            "geometry": volume.geometry,
             "native_shape": tuple(int(v) for v in image.shape),
-            "image_path": case.image,
+            "native_image": volume.image,
         }
 
     def __iter__(self) -> Iterator[dict[str, object]]:
