@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from dataloaders.datasets import get_dataset_info
 from dataloaders.io import require_simpleitk
 
 sitk = require_simpleitk("the phantom generator (data/phantom.py)")
@@ -41,7 +42,7 @@ LABELS = {"LIVER": 1, "RK": 2, "LK": 3, "SPLEEN": 4}
 REFERENCE_SIZE = 256
 REFERENCE_SPACING = (1.25, 1.25, 7.7)
 #: Folder of the CHAOST2 images and labels below the data root.
-IMAGE_FOLDER = Path("CHAOST2") / "chaos_MR_T2_normalized"
+IMAGE_FOLDER = Path("CHAOST2") / get_dataset_info("CHAOST2").image_folder
 #: Direction cosines of the real volumes (the y axis runs posterior at row 0, as in the preprocessed data).
 DIRECTION = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 

@@ -51,14 +51,15 @@ from data.preprocessing import (  # noqa: E402
     select_ids,
     write_case,
 )
+from dataloaders.datasets import get_dataset_info  # noqa: E402
 from dataloaders.io import require_simpleitk  # noqa: E402
 
 sitk = require_simpleitk("data/CHAOST2/preprocess.py")
 
 #: Target spacing (x, y, z) in mm.
 SPACING = (1.25, 1.25, 7.70)
-#: Folder the loaders read, inside ``--output``.
-OUTPUT_FOLDER = "chaos_MR_T2_normalized"
+#: Folder the loaders read, inside ``--output`` (from the dataset table).
+OUTPUT_FOLDER = get_dataset_info("CHAOST2").image_folder
 #: Ground-truth PNG grey value -> class id (background, liver, right kidney, left kidney, spleen).
 GREY_TO_CLASS = {0: 0, 63: 1, 126: 2, 189: 3, 252: 4}
 #: Largest tolerated deviation of a slice gap from the median gap, relative to the median.

@@ -46,16 +46,17 @@ from data.preprocessing import (  # noqa: E402
     select_ids,
     write_case,
 )
+from dataloaders.datasets import get_dataset_info  # noqa: E402
 from dataloaders.io import require_simpleitk  # noqa: E402
 
 sitk = require_simpleitk("data/CMR/preprocess.py")
 
 #: Target spacing (x, y, z) in mm.
 SPACING = (1.25, 1.25, 7.99)
-#: Folder the loaders read, inside ``--output``.
-OUTPUT_FOLDER = "cmr_MR_normalized"
+#: Folder the loaders read, inside ``--output`` (from the dataset table).
+OUTPUT_FOLDER = get_dataset_info("CMR").image_folder
 #: MS-CMRSeg label values -> class ids (LV myocardium, LV blood pool, RV blood pool).
-LABEL_MAP = {200: 1, 500: 2, 600: 3}
+LABEL_MAP = dict(get_dataset_info("CMR").label_remap)
 
 _IMAGE_NAME = re.compile(r"patient(\d+)_C0\.nii(\.gz)?")
 _LABEL_NAME = re.compile(r"patient(\d+)_C0_manual\.nii(\.gz)?")

@@ -46,6 +46,7 @@ from data.preprocessing import (  # noqa: E402
     select_ids,
     write_case,
 )
+from dataloaders.datasets import get_dataset_info  # noqa: E402
 from dataloaders.io import require_simpleitk  # noqa: E402
 
 sitk = require_simpleitk("data/SABS/preprocess.py")
@@ -56,10 +57,10 @@ HU_WINDOW = (-125.0, 275.0)
 BORDER = 32
 #: In-plane spacing factor (512 - 2 * 32) / 256.
 SPACING_FACTOR = 1.75
-#: Folder the loaders read, inside ``--output``.
-OUTPUT_FOLDER = "sabs_CT_normalized"
+#: Folder the loaders read, inside ``--output`` (from the dataset table).
+OUTPUT_FOLDER = get_dataset_info("SABS").image_folder
 #: Allowed label values (background and 13 organs).
-LABEL_VALUES = frozenset(range(14))
+LABEL_VALUES = frozenset({0, *get_dataset_info("SABS").label_names})
 
 _IMAGE_NAME = re.compile(r"img(\d+)\.nii(\.gz)?")
 
