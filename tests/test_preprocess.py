@@ -9,6 +9,7 @@ physical position), idempotence, and the errors for bad inputs.
 
 from __future__ import annotations
 
+import locale
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,26 @@ def _write_chaos_case(
         z_positions = [CHAOS_ORIGIN[2] + k * CHAOS_SPACING[2] for k in range(depth)]
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    # GDCM's DICOM writer resets the process locale to "C" (ASCII), which would make every later
+    # subprocess decode its UTF-8 output with the wrong codec: restore it after writing.
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_chaos_slices(writer, image, grey, t2spir, z_positions, reverse_instances)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+    return t2spir
+
+
+def _write_chaos_slices(
+    writer: sitk.ImageFileWriter,
+    image: np.ndarray,
+    grey: np.ndarray,
+    t2spir: Path,
+    z_positions: list[float],
+    reverse_instances: bool,
+) -> None:
+    """One DICOM file and one ground-truth PNG per slice, named like the CHAOS release."""
+    depth = image.shape[0]
     for k in range(depth):
         number = depth - k if reverse_instances else k + 1
         dicom = sitk.GetImageFromArray(image[k])
@@ -103,7 +124,6 @@ def _write_chaos_case(
         sitk.WriteImage(
             sitk.GetImageFromArray(grey[k]), str(t2spir / "Ground" / f"IMG-0004-{number:05d}.png")
         )
-    return t2spir
 
 
 def _chaos_input_mm(grey_value: int) -> np.ndarray:
