@@ -484,6 +484,28 @@ def read_case(case: CaseFiles, dataset: str | DatasetInfo) -> CaseVolume:
     )
 
 
+def check_finite(array: np.ndarray, source: str | os.PathLike = "<array>") -> None:
+    """Raise ``ValueError`` if a floating-point ``array`` holds NaN or ±Inf voxels.
+
+    The message names ``source``, counts the non-finite voxels by kind and gives the first one's index in
+    the array's own axis order (``(z, y, x)`` for the project's volumes). Integer arrays pass unchecked.
+    """
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return
+    n_bad = int(np.count_nonzero(bad))
+    n_nan = int(np.count_nonzero(np.isnan(array)))
+    n_pos = int(np.count_nonzero(np.isposinf(array)))
+    first = tuple(int(v) for v in np.unravel_index(int(np.argmax(bad)), array.shape))
+    raise ValueError(
+        f"{source}: {n_bad} non-finite voxel(s) of {array.size} (NaN {n_nan}, +Inf {n_pos}, "
+        f"-Inf {n_bad - n_nan - n_pos}); the first at index {first} of shape {array.shape}"
+    )
+
+
 def normalize_volume(image: np.ndarray, path: str | os.PathLike = "<array>") -> np.ndarray:
     """Spec section 1 normalisation: ``(img - mean) / std`` over the whole volume, as float32."""
     image64 = image.astype(np.float64, copy=False)
