@@ -20,6 +20,7 @@ from dataloaders.io import (
     select_nifti_backend,
     write_volume,
 )
+from tests.damage import flip_silent_bit
 
 pytest.importorskip("SimpleITK")
 pytest.importorskip("nibabel")
@@ -112,15 +113,20 @@ def test_broken_files_raise_naming_the_file(data_root: Path, tmp_path: Path, bac
     truncated.write_bytes(compressed[: len(compressed) // 2])
     with pytest.raises(ValueError, match=r"truncated_1\.nii\.gz is truncated"):
         read_volume(truncated, backend=backend)
-    if backend == "nibabel":
-        # damaged deflate data with an intact trailer: nibabel's gzip CRC check notices (SimpleITK does
-        # not: it returns the damaged voxels without an error)
-        damaged = bytearray(compressed)
-        middle = len(damaged) // 2
-        damaged[middle : middle + 64] = bytes(64)
-        (tmp_path / "damaged_1.nii.gz").write_bytes(bytes(damaged))
-        with pytest.raises(ValueError, match=r"cannot read .*damaged_1\.nii\.gz"):
-            read_volume(tmp_path / "damaged_1.nii.gz", backend=backend)
+    # damaged bytes: 64 zeroed bytes break the DEFLATE stream; one flipped bit that leaves it decodable
+    # (same length) is caught only by the gzip CRC-32, which neither library checks on its own
+    damaged = bytearray(compressed)
+    middle = len(damaged) // 2
+    damaged[middle : middle + 64] = bytes(64)
+    (tmp_path / "damaged_1.nii.gz").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"damaged_1\.nii\.gz is corrupt"):
+        read_volume(tmp_path / "damaged_1.nii.gz", backend=backend)
+    flipped = tmp_path / "flipped_1.nii.gz"
+    flipped.write_bytes(compressed)
+    flip_silent_bit(flipped)
+    assert flipped.stat().st_size == len(compressed)
+    with pytest.raises(ValueError, match=r"flipped_1\.nii\.gz is corrupt \(gzip CRC-32 mismatch\)"):
+        read_volume(flipped, backend=backend)
     # a 2-D file is no volume
     array, geometry = read_volume(source, backend=backend)
     flat = tmp_path / "flat_1.nii.gz"
