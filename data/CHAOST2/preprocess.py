@@ -52,7 +52,7 @@ from data.preprocessing import (  # noqa: E402
     write_case,
 )
 from dataloaders.datasets import get_dataset_info  # noqa: E402
-from dataloaders.io import require_simpleitk  # noqa: E402
+from dataloaders.io import read_image, require_simpleitk  # noqa: E402
 
 sitk = require_simpleitk("data/CHAOST2/preprocess.py")
 
@@ -180,7 +180,7 @@ def read_ground_truth(ground_dir: Path, instance_rank: np.ndarray, rows: int, co
         lookup[grey] = class_id
     slices = []
     for path in files:
-        grey = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        grey = sitk.GetArrayFromImage(read_image(path))
         if grey.shape != (rows, cols):
             raise ValueError(
                 f"{path}: expected a {rows} x {cols} grey image like its DICOM slice, found {grey.shape}"

@@ -47,7 +47,7 @@ from data.preprocessing import (  # noqa: E402
     write_case,
 )
 from dataloaders.datasets import get_dataset_info  # noqa: E402
-from dataloaders.io import require_simpleitk  # noqa: E402
+from dataloaders.io import read_image, require_simpleitk  # noqa: E402
 
 sitk = require_simpleitk("data/CMR/preprocess.py")
 
@@ -113,7 +113,7 @@ def map_labels(label: sitk.Image, source: Path) -> sitk.Image:
 
 def preprocess_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Image]:
     """One raw case -> (image, label) at 1.25 x 1.25 x 7.99 mm, 256 x 256 in-plane (spec 1b, CMR)."""
-    image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
+    image, label = read_image(image_path), read_image(label_path)
     if image.GetDimension() != 3 or image.GetSize() != label.GetSize():
         raise ValueError(
             f"{label_path}: expected a 3-D label of its image's size {image.GetSize()}, "

@@ -47,7 +47,7 @@ from data.preprocessing import (  # noqa: E402
     write_case,
 )
 from dataloaders.datasets import get_dataset_info  # noqa: E402
-from dataloaders.io import require_simpleitk  # noqa: E402
+from dataloaders.io import read_image, require_simpleitk  # noqa: E402
 
 sitk = require_simpleitk("data/SABS/preprocess.py")
 
@@ -98,7 +98,7 @@ def normalise_intensity(image: sitk.Image) -> sitk.Image:
 
 def preprocess_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Image]:
     """One raw case -> (image in [0, 255], label 0..13), border cut and resampled in-plane by 1.75."""
-    image, label = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
+    image, label = read_image(image_path), read_image(label_path)
     if image.GetDimension() != 3 or image.GetSize() != label.GetSize():
         raise ValueError(
             f"{label_path}: expected a 3-D label of its image's size {image.GetSize()}, "
