@@ -25,8 +25,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np
 
-from data.supervoxels.generate_supervoxels import build_parser, compute_supervoxels, run_cases, select_cases
-from dataloaders.datasets import get_dataset_info
+from data.supervoxels.generate_supervoxels import (
+    build_parser,
+    check_options,
+    compute_supervoxels,
+    run_cases,
+    select_cases,
+)
 from dataloaders.io import read_volume
 
 
@@ -102,12 +107,12 @@ def compare(
     jobs: int = 1,
 ) -> list[Comparison]:
     """Compare the selected cases with the published supervoxels; one :class:`Comparison` per case."""
-    info = get_dataset_info(dataset)
+    info = check_options(dataset, data_root, n_sv, jobs)
     n_sv = info.n_sv if n_sv is None else int(n_sv)
     default_folder = Path(data_root) / info.name / info.supervoxel_folder(n_sv)
     folder = default_folder if published is None else Path(published)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{info.name}: published supervoxel folder not found: {folder}")
+        raise FileNotFoundError(f"--published: {info.name} supervoxel folder not found: {folder}")
     tasks = []
     for case_id, image_path in select_cases(info, data_root, ids).items():
         published_path = folder / info.supervoxel_pattern.format(id=case_id)
@@ -126,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         results = compare(args.dataset, args.data_root, args.ids, args.n_sv, args.published, args.jobs)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     for result in results:
         print(result.line(args.dataset))

@@ -20,7 +20,9 @@ Command line (run from the repository root; the extension must be built first wi
     python data/supervoxels/generate_supervoxels.py --dataset CMR --data-root ../shared/data \
         [--ids 1 5] [--n-sv 1000] [--out DIR] [--jobs 2]
 
-Existing output files are replaced, so the command can be re-run.
+Existing output files are replaced, so the command can be re-run. Every option is checked (errors name
+it) before anything is read or any folder made; each file is written under a temporary name and renamed,
+and a failed run leaves no temporary file and no empty output folder of its own making.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -152,7 +155,7 @@ def select_cases(
     if missing:
         folder = next(iter(images.values())).parent
         raise FileNotFoundError(
-            f"no image for case id(s) {missing} in {folder}; available ids: {sorted(images)}"
+            f"--ids: no image for case id(s) {missing} in {folder}; available ids: {sorted(images)}"
         )
     return {int(i): images[int(i)] for i in ids}
 
@@ -170,8 +173,11 @@ def _generate_case(case_id: int, image_path: Path, n_sv: int, target: Path) -> C
     labels, geometry = compute_supervoxels(image_path, n_sv)
     # Write beside the target, then rename: an interrupted run never leaves a truncated file behind.
     partial = target.parent / f".partial-{os.getpid()}-{target.name}"
-    write_volume(labels, geometry, partial)
-    os.replace(partial, target)
+    try:
+        write_volume(labels, geometry, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return CaseResult(case_id, target, int(len(np.unique(labels))), time.perf_counter() - start)
 
 
@@ -179,13 +185,36 @@ def run_cases(
     worker: Callable[..., object], tasks: Sequence[tuple], jobs: int
 ) -> list:
     """Run ``worker(*task)`` for every task, in a process pool when ``jobs > 1``; results in task order."""
-    if jobs < 1:
-        raise ValueError(f"jobs: expected a positive integer, got {jobs}")
     if jobs == 1 or len(tasks) <= 1:
         return [worker(*task) for task in tasks]
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks))) as pool:
         futures = [pool.submit(worker, *task) for task in tasks]
         return [future.result() for future in futures]
+
+
+def check_options(
+    dataset: str,
+    data_root: str | os.PathLike,
+    n_sv: int | None,
+    jobs: int,
+    out: str | os.PathLike | None = None,
+) -> DatasetInfo:
+    """Check the command's values before anything is read or made; each error names its option (the
+    data root and ``--ids`` are checked by :func:`select_cases`, which also runs before any folder is
+    made)."""
+    try:
+        info = get_dataset_info(dataset)
+    except ValueError as err:
+        raise ValueError(f"--dataset: {err}") from None
+    if n_sv is not None and (isinstance(n_sv, bool) or not isinstance(n_sv, Integral) or n_sv < 1):
+        raise ValueError(f"--n-sv: expected a positive integer, got {n_sv!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, Integral) or jobs < 1:
+        raise ValueError(f"--jobs: expected a positive integer, got {jobs!r}")
+    if out is not None:
+        blocker = next((p for p in (Path(out), *Path(out).parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ValueError(f"--out: expected a folder, but {blocker} is a file")
+    return info
 
 
 def generate(
@@ -196,19 +225,29 @@ def generate(
     out: str | os.PathLike | None = None,
     jobs: int = 1,
 ) -> list[CaseResult]:
-    """Write the supervoxels of the selected cases; returns one :class:`CaseResult` per case."""
-    info = get_dataset_info(dataset)
+    """Write the supervoxels of the selected cases; returns one :class:`CaseResult` per case.
+
+    Every value is checked, and the cases found, before the output folder is made; a folder made here is
+    removed again when the run fails before writing anything into it (an empty ``supervoxels_<n>/`` would
+    turn the loaders' "folder not found" into "every case lacks this file").
+    """
+    info = check_options(dataset, data_root, n_sv, jobs, out)
     n_sv = info.n_sv if n_sv is None else int(n_sv)
-    if n_sv < 1:
-        raise ValueError(f"n_sv: expected a positive integer, got {n_sv}")
     cases = select_cases(info, data_root, ids)
     out_dir = Path(out) if out is not None else Path(data_root) / info.name / info.supervoxel_folder(n_sv)
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = [
         (case_id, path, n_sv, out_dir / info.supervoxel_pattern.format(id=case_id))
         for case_id, path in cases.items()
     ]
-    return run_cases(_generate_case, tasks, jobs)
+    try:
+        return run_cases(_generate_case, tasks, jobs)
+    except BaseException:
+        for folder in made:  # innermost first; only folders this run made and left empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -229,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         results = generate(args.dataset, args.data_root, args.ids, args.n_sv, args.out, args.jobs)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     for result in results:
         print(f"{args.dataset} case {result.case_id}: {result.n_labels} labels (incl. 0), "
