@@ -44,7 +44,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import capture_rng_state, latest_snapshot, load_snapshot, restore_rng_state, save_snapshot
+from checkpoint import (
+    capture_rng_state,
+    latest_snapshot,
+    load_resume_snapshot,
+    remove_stale_temporaries,
+    restore_training_state,
+    save_snapshot,
+)
 from config import ex, run_folder
 from dataloaders import TrainDataset, get_dataset_info, list_cases, worker_init_fn
 from models import DIFDLoss, build_difd
@@ -234,6 +241,8 @@ def train(
 
     folder = run_folder(config)
     snapshot_dir = folder / "snapshots"
+    if dist_context.is_main:
+        remove_stale_temporaries(snapshot_dir, _log)
     newest = latest_snapshot(snapshot_dir)
     if newest is not None and not resume:
         raise FileExistsError(
@@ -285,7 +294,7 @@ def train(
 
     start_step = 0
     if resume and newest is not None:
-        payload = load_snapshot(newest)
+        newest, payload = load_resume_snapshot(snapshot_dir, _log)
         saved = {**SPEED_KEY_DEFAULTS, **payload["config"]}
         changed = {
             key: (saved.get(key), config[key]) for key in RESUME_MUST_MATCH if saved.get(key) != config[key]
@@ -296,11 +305,9 @@ def train(
             raise ValueError(
                 f"resume: these keys differ from the snapshot {newest} (snapshot, now): {changed}"
             )
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        restore_rng_state(payload["rng_ranks"][dist_context.rank] if dist_context.enabled else payload["rng"])
-        start_step = int(payload["step"])
+        start_step = restore_training_state(
+            payload, model, optimizer, scheduler, dist_context.rank if dist_context.enabled else None
+        )
         _log.info(f"resumed from {newest} at step {start_step}")
     elif resume:
         _log.warning(f"resume=True but {snapshot_dir} holds no snapshot: starting at step 0")
@@ -388,6 +395,7 @@ def train(
                         scheduler=scheduler,
                         config=snapshot_config,
                         rng_ranks=rng_ranks,
+                        final=step == n_steps,
                     )
                     _log.info(f"snapshot {path}")
             if stop_now:

@@ -21,6 +21,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from checkpoint import read_torch_file
+
 logger = logging.getLogger(__name__)
 
 #: Pretrained checkpoint kinds and the prefix their trunk keys carry.
@@ -91,7 +93,7 @@ class Res101Encoder(nn.Module):
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"pretrained checkpoint for {kind!r} not found: {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_torch_file(path, f"pretrained checkpoint ({kind!r})")
         if not isinstance(checkpoint, Mapping):
             raise ValueError(
                 f"pretrained checkpoint {path}: expected a state dict, found {type(checkpoint).__name__}"

@@ -195,7 +195,7 @@ def mini_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_train_py_under_torchrun(mini_root: Path, tmp_path: Path, one_thread):
-    from checkpoint import load_snapshot
+    from checkpoint import load_snapshot, read_snapshot
     from train import training_case_ids
 
     common = [f"data_root={mini_root}", "eval_fold=1", f"path.log_dir={tmp_path}", "n_steps=2"]
@@ -216,7 +216,9 @@ def test_train_py_under_torchrun(mini_root: Path, tmp_path: Path, one_thread):
     assert runs == ["1"], "rank 1 must not open a run"
     assert sorted(p.name for p in (fold_dir / "snapshots").iterdir()) == ["1.pth", "2.pth"]
 
-    first, second = (load_snapshot(fold_dir / "snapshots" / f"{step}.pth") for step in (1, 2))
+    # keep policy: the final snapshot holds the weights only, the one before it the resume state
+    first = load_snapshot(fold_dir / "snapshots" / "1.pth")
+    second = read_snapshot(fold_dir / "snapshots" / "2.pth")
     cfg = first["config"]
     assert cfg["world_size"] == WORLD_SIZE and cfg["batch_size"] == 1
     root = Path(cfg["data_root"])
@@ -243,7 +245,7 @@ def test_train_py_under_torchrun(mini_root: Path, tmp_path: Path, one_thread):
     # Exact resume: from the step-1 snapshot, the two ranks redo step 2 bit for bit.
     (fold_dir / "snapshots" / "2.pth").rename(tmp_path / "uninterrupted_2.pth")
     torchrun("resume=True")
-    again = load_snapshot(fold_dir / "snapshots" / "2.pth")
+    again = read_snapshot(fold_dir / "snapshots" / "2.pth")
     for name, value in second["model"].items():
         assert torch.equal(again["model"][name], value), f"resumed run differs in {name}"
 

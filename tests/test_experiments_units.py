@@ -144,7 +144,7 @@ class TestSnapshots:
         torch.save({"0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
         with pytest.raises(ValueError, match="cannot load"):
             load_model_weights(model, tmp_path / "wrong.pth")
-        with pytest.raises(ValueError, match="resumable"):
+        with pytest.raises(ValueError, match="not a snapshot of this project"):
             load_snapshot(tmp_path / "wrong.pth")
 
 

@@ -17,9 +17,11 @@ import torch
 import torchvision
 from torch import nn
 
+from checkpoint import load_model_weights
 from models import DIFDLoss, build_difd
 from models.encoder import Res101Encoder
 from tests.naive_difd import naive_forward
+from tests.official_tree import OfficialDIFD
 from tests.test_model import F64_TOL
 from utils import resolve_data_root
 
@@ -166,7 +168,8 @@ def test_gradients_reach_every_parameter_but_reduce2(encoder):
 
 
 def official_layout(in_channels: int) -> dict[str, torch.Tensor]:
-    """A state dict with the official module tree's names and shapes (spec section 6), random values."""
+    """A state dict with the official module tree's names and shapes (spec section 6), random values: the
+    parameters the spec lists, every BatchNorm buffer of the trunk, and the loss's ``criterion.weight``."""
     gen = torch.Generator().manual_seed(0)
     trunk = torchvision.models.resnet101(weights=None).state_dict()
     state = {
@@ -190,22 +193,43 @@ def official_layout(in_channels: int) -> dict[str, torch.Tensor]:
             f"{dec}.cls.3.weight": (1, 512, 1, 1),
         }
     state |= {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    state["criterion.weight"] = torch.tensor([0.1, 1.0])
     return state
 
 
-@pytest.mark.parametrize("extra_maps", [True, False], ids=["2C+3", "2C+1"])
-def test_official_layout_state_dict_loads_strict(extra_maps):
-    state = official_layout(1027 if extra_maps else 1025)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        model = build_difd(decoder_extra_maps=extra_maps)
-    assert set(model.state_dict()) == set(state)
-    model.load_state_dict(state, strict=True)
-    torch.testing.assert_close(model.decoder1.merge[0].weight, state["decoder1.merge.0.weight"])
-    torch.testing.assert_close(model.fuse.weight, state["fuse.weight"])
-    if not extra_maps:
-        with pytest.raises(RuntimeError, match="size mismatch"):
-            model.load_state_dict(official_layout(1027), strict=True)
+@pytest.fixture(scope="module")
+def official_tree() -> OfficialDIFD:
+    torch.manual_seed(3)
+    return OfficialDIFD(decoder_in=1027)
+
+
+def test_spec_layout_is_the_official_module_tree(official_tree):
+    tree = official_tree.state_dict()
+    layout = official_layout(1027)
+    assert sorted(layout) == sorted(tree)
+    assert all(tuple(layout[k].shape) == tuple(tree[k].shape) for k in tree)
+    assert "criterion.weight" in tree and "encoder.backbone.bn1.running_var" in tree
+
+
+def test_official_checkpoints_load_through_the_checkpoint_loader(tmp_path, official_tree):
+    """What the official training saves (the whole tree's state_dict) loads strictly into our model: the
+    released 2C+3 decoders with decoder_extra_maps=True (and into a 2C+1 model not, with the hint), 2C+1
+    decoders by default."""
+    torch.manual_seed(4)
+    trees = {True: official_tree, False: OfficialDIFD(decoder_in=1025, encoder=official_tree.encoder)}
+    for extra_maps, tree in trees.items():
+        state = tree.state_dict()
+        torch.save(state, tmp_path / f"official_{extra_maps}.pth")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model = build_difd(decoder_extra_maps=extra_maps)
+        assert set(model.state_dict()) == set(state) - {"criterion.weight"}
+        loaded = load_model_weights(model, tmp_path / f"official_{extra_maps}.pth")
+        assert loaded.kind == "state_dict" and loaded.dropped == ["criterion.weight"]
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state[key]), key
+    with pytest.raises(ValueError, match=r"2C\+3 \(1027-channel\).*decoder_extra_maps=True"):
+        load_model_weights(model, tmp_path / "official_True.pth")
 
 
 def test_pretrained_loading(tmp_path, caplog):
