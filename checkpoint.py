@@ -240,7 +240,7 @@ def demote_snapshot(path: str | os.PathLike) -> None:
     if not isinstance(payload, dict) or payload.get("format") != SNAPSHOT_FORMAT:
         return
     weights = {key: payload[key] for key in ("step", "model", "config")}
-    _write_atomically(path, {"format": WEIGHTS_FORMAT, **weights}, "snapshot")
+    _write_atomically(path, {"format": WEIGHTS_FORMAT, **weights}, "weights-only rewrite of snapshot")
 
 
 def apply_keep_policy(folder: str | os.PathLike, step: int, final: bool) -> list[Path]:
@@ -248,14 +248,20 @@ def apply_keep_policy(folder: str | os.PathLike, step: int, final: bool) -> list
 
     Of the snapshots before ``step`` the newest keeps its resume state and the others become
     weights-only; with ``final`` the snapshot of ``step`` becomes weights-only too. Snapshots after
-    ``step`` (left by an earlier attempt) are not touched. Returns the demoted paths.
+    ``step`` (left by an earlier attempt) are not touched, and an older snapshot that cannot be read is
+    left as it is, with a warning. Returns the demoted paths.
     """
     snapshots = list_snapshots(folder)
     older = [path for s, path in snapshots if s < step]
-    demote = older[:-1] + ([path for s, path in snapshots if s == step] if final else [])
-    for path in demote:
-        demote_snapshot(path)
-    return demote
+    demoted = []
+    for path in older[:-1] + ([path for s, path in snapshots if s == step] if final else []):
+        try:
+            demote_snapshot(path)
+        except ValueError as err:
+            logger.warning(f"keep policy: {path} left as it is: {err}")
+            continue
+        demoted.append(path)
+    return demoted
 
 
 # ------------------------------------------------------------------------------------------ snapshots

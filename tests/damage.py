@@ -11,7 +11,6 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 #: Positions tried after the middle of the DEFLATE data (stride in bytes, attempts).
@@ -70,8 +69,3 @@ def put_voxels(path: Path, values: dict[tuple[int, int, int], float]) -> None:
     out = sitk.GetImageFromArray(array)
     out.CopyInformation(image)
     sitk.WriteImage(out, str(path), useCompression=str(path).endswith(".gz"))
-
-
-def first_voxels(path: Path, n: int) -> np.ndarray:
-    """The first ``n`` voxels of a file, as SimpleITK reads them (for before/after comparisons)."""
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).ravel()[:n]

@@ -518,6 +518,18 @@ def disk_full_while_saving(ctx: Ctx) -> Expect:
     )
 
 
+def damaged_old_snapshot_at_save(ctx: Ctx) -> Expect:
+    folder = ctx.tmp / "snapshots"
+    _snapshots(folder, (1, 2))
+    _flip_tensor_byte(folder / "1.pth")
+
+    def check(result: Any, log: str) -> None:
+        assert re.search(r"keep policy: .*1\.pth left as it is: .*1\.pth: the file is damaged", log)
+        assert load_snapshot(folder / "2.pth")["step"] == 2 and load_snapshot(folder / "3.pth")["step"] == 3
+
+    return Expect(lambda: _snapshots(folder, (3,)), error=None, check=check)
+
+
 def stale_temporaries(ctx: Ctx) -> Expect:
     folder = ctx.tmp / "snapshots"
     folder.mkdir()
@@ -730,6 +742,7 @@ FAULTS = [
     resume_from_weights_only,
     finished_run_keeps_one_resume_state,
     disk_full_while_saving,
+    damaged_old_snapshot_at_save,
     stale_temporaries,
     truncated_reload_model,
     damaged_reload_model,

@@ -112,7 +112,8 @@ def compare(
     default_folder = Path(data_root) / info.name / info.supervoxel_folder(n_sv)
     folder = default_folder if published is None else Path(published)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--published: {info.name} supervoxel folder not found: {folder}")
+        option = "--published" if published is not None else "--n-sv (published folder)"
+        raise FileNotFoundError(f"{option}: {info.name} supervoxel folder not found: {folder}")
     tasks = []
     for case_id, image_path in select_cases(info, data_root, ids).items():
         published_path = folder / info.supervoxel_pattern.format(id=case_id)
