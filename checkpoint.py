@@ -18,8 +18,10 @@ Evaluation also accepts an official-layout checkpoint: a plain model ``state_dic
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +162,20 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike) -> None:
                 "decoders (2C+3) need decoder_extra_maps=True, ours default to 2C+1"
             )
         raise ValueError(f"cannot load {path} into the model: {err}{hint}") from err
+
+
+def recorded_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The config that a checkpoint records (one of our snapshots), or None when it records none (a plain
+    ``state_dict``, e.g. an official checkpoint).
+
+    Zip-format files (every ``torch.save`` since torch 1.6) are memory-mapped, so the weights are not read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model checkpoint not found (config key 'reload_model_path'): {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=zipfile.is_zipfile(path))
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(f"cannot read the checkpoint {path}: {err}") from err
+    config = payload.get("config") if isinstance(payload, dict) else None
+    return dict(config) if isinstance(config, dict) else None
