@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -290,6 +291,12 @@ def resume(job: Job, cfg: dict[str, Any], _log) -> int:
 
 def episode_loader(job: Job, cfg: dict[str, Any], start_step: int) -> DataLoader:
     """This rank's episodes from ``start_step`` on (:class:`runtime.EpisodeIndices`)."""
+    if cfg["num_workers"] > 0:
+        # OpenCV's thread pool, started here by resizing the validation volumes, must not be alive when the
+        # workers are forked: a worker's cv2.setNumThreads (worker_init_fn) then waits forever on the copied
+        # pool (1 run in 3 hung at its first step). The episodes are made in the workers, so the main
+        # process needs no OpenCV threads from now on.
+        cv2.setNumThreads(1)
     return DataLoader(
         job.train_set,
         batch_size=cfg["batch_size"],

@@ -7,16 +7,23 @@ some classes removed (to test the class checks).
 
 :func:`load_test_script`: ``test.py`` loaded as a module, so that its ``test`` command runs in the test
 process (``ex.run``) without a Python start-up; loaded by path because ``test`` is a stdlib package name.
+Such a run, and any OpenCV work in the pytest process, goes inside :func:`one_thread`: the scripts' kernels
+(they run with ``OMP_NUM_THREADS=1`` in the tests), and no OpenCV thread pool left alive in the pytest
+process, where it makes the ``cv2.setNumThreads`` of later DataLoader workers (forked copies) hang.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import cv2
 import numpy as np
+import torch
 
 from dataloaders import get_dataset_info, list_cases, read_volume, write_volume
 
@@ -52,3 +59,16 @@ def load_test_script() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch and OpenCV on one thread inside the block (restored after)."""
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)

@@ -29,7 +29,7 @@ from checkpoint import load_snapshot
 from dataloaders import list_cases
 from evaluation import predict_query_volume
 from metrics import dice_iou
-from tests.run_fixtures import load_test_script, make_mini_root
+from tests.run_fixtures import load_test_script, make_mini_root, one_thread
 from tests.tiny_difd import tiny_difd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,13 +188,19 @@ def test_interrupted_run_resumes_on_the_same_trajectory(reference_run: Path, min
 
 
 def test_validation_leaves_the_trajectory_unchanged(reference_run: Path, mini_root: Path, tmp_path: Path):
-    """The reference run again, validating RK on the query volume every 2 steps: the same losses, exactly."""
+    """The reference run again, validating RK on the query volume every 2 steps: the same losses, exactly.
+
+    With one DataLoader worker (episodes do not depend on the number of workers), forked after the
+    validation volumes were read and resized in the main process: OpenCV's thread pool must not be alive
+    then (train.episode_loader), or the worker can hang in worker_init_fn.
+    """
     done = _run_script(
         "train.py",
         *_common(mini_root, tmp_path),
         "validate_every=2",
         "validate_labels=[2]",
         "validate_cases=1",
+        "num_workers=1",
     )
     run = tmp_path / "CHAOST2_setting1" / "fold1" / "train" / "1"
     assert _metrics(run) == _metrics(reference_run / "train" / "1")
@@ -208,12 +214,8 @@ def test_validation_leaves_the_trajectory_unchanged(reference_run: Path, mini_ro
 
 def _run_test_in_process(**updates) -> Path:
     """test.py's ``test`` command in this process, one thread (as the scripts run); returns its run folder."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         run = load_test_script().ex.run("test", named_configs=["debug"], config_updates=updates)
-    finally:
-        torch.set_num_threads(threads)
     return next(Path(obs.dir) for obs in run.observers if getattr(obs, "dir", None))
 
 

@@ -32,7 +32,7 @@ import torch
 
 from checkpoint import SNAPSHOT_FORMAT
 from models import build_difd
-from tests.run_fixtures import load_test_script, make_mini_root
+from tests.run_fixtures import load_test_script, make_mini_root, one_thread
 
 REPO = Path(__file__).resolve().parent.parent
 FOLD_DIR = Path("CHAOST2_setting1") / "fold1"
@@ -249,7 +249,7 @@ def test_run_fault(case: Case, roots: dict[str, Path], tmp_path: Path):
     updates |= case.updates
     before = _files(log)
     experiment = train.ex if case.command == "train" else load_test_script().ex
-    with pytest.raises(case.raises, match=case.match):
+    with pytest.raises(case.raises, match=case.match), one_thread():
         experiment.run(case.command, named_configs=["debug"], config_updates=updates)
     _assert_outputs(case.outputs, log, before)
 
@@ -283,7 +283,7 @@ def test_evaluation_failing_part_way_leaves_no_predictions(
         "path": {"log_dir": str(log)},
         "test_label": [2, 1],
     }
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError, match="No space left on device"), one_thread():
         script.ex.run("test", named_configs=["debug"], config_updates=updates)
     assert evaluated == [2], "RK should have been evaluated (and its outputs written) before the failure"
     _assert_outputs("failed_run", log, before)

@@ -24,7 +24,7 @@ from checkpoint import capture_rng_state, restore_rng_state
 from dataloaders import TestDataset
 from evaluation import evaluate_class, validate
 from progress import merge_metrics, smooth
-from tests.run_fixtures import make_mini_root
+from tests.run_fixtures import make_mini_root, one_thread
 from tests.tiny_difd import tiny_difd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,10 +35,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def rk_sets(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TestDataset, TestDataset]:
     """RK of fold 1 of the mini root at 32 px: read on demand, and preloaded."""
     root = make_mini_root(data_root, tmp_path_factory.mktemp("mini_validation"))
-    return (
-        TestDataset("CHAOST2", root, 1, 2, image_size=32),
-        TestDataset("CHAOST2", root, 1, 2, image_size=32, n_queries=1, preload=True),
-    )
+    with one_thread():
+        return (
+            TestDataset("CHAOST2", root, 1, 2, image_size=32),
+            TestDataset("CHAOST2", root, 1, 2, image_size=32, n_queries=1, preload=True),
+        )
 
 
 def _states_equal(a: dict, b: dict) -> bool:
