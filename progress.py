@@ -124,9 +124,9 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
 
     organs = sorted(name for name in metrics if name.startswith(VAL_PREFIX) and name != f"{VAL_PREFIX}mean")
     for i, name in enumerate(organs):
-        series = metrics[name]
-        dice.plot(series["steps"], [100 * v for v in series["values"]], "o-", color=f"C{i}", markersize=3,
-                  label=name[len(VAL_PREFIX):])  # fmt: skip
+        series, organ = metrics[name], name[len(VAL_PREFIX) :]
+        percent = [100 * v for v in series["values"]]
+        dice.plot(series["steps"], percent, "o-", color=f"C{i}", markersize=3, label=organ)
     if f"{VAL_PREFIX}mean" in metrics:
         series = metrics[f"{VAL_PREFIX}mean"]
         dice.plot(series["steps"], [100 * v for v in series["values"]], "s--", color="k", label="mean")
