@@ -515,3 +515,18 @@ def describe_mismatch(checkpoint: ModelCheckpoint, own: dict[str, torch.Tensor])
                 f"set decoder_extra_maps={wanted}"
             )
     return "; ".join(parts)
+
+
+def recorded_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The config that a checkpoint records (one of our snapshots, full or weights-only), or None when it
+    records none (a plain ``state_dict``, e.g. an official checkpoint).
+
+    The file is verified like every read (:func:`verify_checkpoint_file`); zip-format files are then
+    memory-mapped, so the weights are not loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model checkpoint not found (config key 'reload_model_path'): {path}")
+    payload = _torch_load(path, "checkpoint", weights_only=False, mmap=zipfile.is_zipfile(path))
+    config = payload.get("config") if isinstance(payload, dict) else None
+    return dict(config) if isinstance(config, dict) else None

@@ -13,9 +13,17 @@ working; the keys this project adds are documented in place. Every key is read b
 ``test.py``. A ``with`` override of a key that does not exist (including nested ones such as
 ``path.log_dri``, which Sacred itself lets through) is an error.
 
+Every value is checked with its key's name before any folder is made or any volume read
+(:func:`check_values` in the config hook, which runs before Sacred's observer creates the run folder):
+types and ranges (``optim.lr=abc``, ``seed=-1``, ``image_size=64.7``, ``eval_fold=5`` are refused), names
+(datasets, classes, modes), and, for ``train``/``test`` runs, the files the run needs
+(:func:`check_run_files`: device, data root, pretrained checkpoint, snapshots; the evaluated checkpoint and
+the config it records).
+
 Run folders: ``<path.log_dir>/<exp_str>/fold<eval_fold>/`` with ``train/<id>/`` and ``test/<id>/`` (Sacred
-``FileStorageObserver`` folders: resolved config, git commit, metrics, captured output; under torchrun,
-rank 0's only) and ``snapshots/<step>.pth``. Models never import this module.
+``FileStorageObserver`` folders: resolved config, git commit, metrics, captured output, and for training
+``progress.png``; under torchrun, rank 0's only) and ``snapshots/<step>.pth``. Models never import this
+module.
 """
 
 # Sacred config scopes define keys as local variables that look unused to a linter.
@@ -23,17 +31,25 @@ rank 0's only) and ``snapshots/<step>.pth``. Models never import this module.
 
 from __future__ import annotations
 
+import math
 import os
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
 import sacred
+import torch
 from sacred import Experiment
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
+from checkpoint import latest_snapshot, recorded_config
 from dataloaders.datasets import get_dataset_info
+from dataloaders.train_dataset import EXCLUSION_MODES
+from models.difd import MULTI_SHOT
+from models.dual_interspersion import REGION_SAMPLING
+from runtime import LOSS_TERMS, PRECISIONS, SGD_IMPLS
+from utils import resolve_data_root, resolve_device
 
 # 'sys' capture works everywhere (the default 'fd' spawns `tee`); tqdm's carriage returns are collapsed.
 sacred.SETTINGS.CAPTURE_MODE = "sys"
@@ -43,6 +59,20 @@ ex.captured_out_filter = apply_backspaces_and_linefeeds
 
 #: Commands (main functions) that own a run folder: ``train`` in train.py, ``test`` in test.py.
 RUN_COMMANDS = ("train", "test")
+
+#: torchvision's checkpoints for ``pretrained_weights``: file name (in ``torch.hub.get_dir()/checkpoints``
+#: when ``pretrained_path`` is None) and download address.
+PRETRAINED_FILES = {
+    "deeplabv3": (
+        "deeplabv3_resnet101_coco-586e9e4e.pth",
+        "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth",
+    ),
+    "resnet101": ("resnet101-63fe2227.pth", "https://download.pytorch.org/models/resnet101-63fe2227.pth"),
+}
+
+#: Keys whose value in the evaluated snapshot must equal the evaluation's (unless ``allow_cross_eval``):
+#: another fold's model would be scored on its own training volumes.
+CROSS_EVAL_KEYS = ("dataset", "eval_fold", "setting", "image_size")
 
 
 @ex.config
@@ -72,6 +102,12 @@ def base_config():
     supp_idx = 0  # support volume = supp_idx-th volume of the fold (official scripts: 2)
     n_part = 3  # support slices / query chunks
     reload_model_path = None  # test.py: checkpoint to evaluate; None = newest snapshot of the run folder
+    allow_cross_eval = False  # test.py: True evaluates a snapshot of another dataset/fold/setting/image_size
+
+    # validation during training, on the fold's TEST volumes: for monitoring, never for choosing a snapshot
+    validate_every = 0  # steps between validations, and one at the last step (0: no validation)
+    validate_cases = 2  # the first query volumes of the fold used (None: all of them)
+    validate_labels = None  # classes validated (None: test_label)
 
     # training (spec sections 3 and 4.7)
     n_steps = 1000  # official config default (official scripts: 40000)
@@ -143,6 +179,7 @@ def official_script():
     max_iters_per_load = 10000
     save_snapshot_every = 10000
     supp_idx = 2
+    validate_every = 2000  # 20 validations of 2 query volumes x 4 classes: seconds each on a GPU
 
 
 @ex.named_config
@@ -157,6 +194,7 @@ def debug():
     num_workers = 0
     pretrained_weights = None
     min_size = 20  # 200 pixels at 256 px cover about 12 at 64 px
+    validate_every = 0  # kept off so that the CI runs of debug stay short; validate_every=2 turns it on
 
 
 def flatten_keys(config: dict[str, Any], prefix: str = "") -> set[str]:
@@ -181,9 +219,221 @@ def run_folder(config: dict[str, Any]) -> Path:
     return Path(config["path"]["log_dir"]) / config["exp_str"] / f"fold{config['eval_fold']}"
 
 
+def output_dir(_run, config: dict[str, Any], command: str) -> Path:
+    """The Sacred run folder (``<command>/<id>``), or ``<command>/unobserved`` when run with ``-u``."""
+    for observer in _run.observers:
+        if isinstance(observer, FileStorageObserver) and observer.dir:
+            return Path(observer.dir)
+    return run_folder(config) / command / "unobserved"
+
+
+def resolve_pretrained_path(pretrained_weights: str | None, pretrained_path: str | None) -> Path | None:
+    """The local checkpoint file for ``pretrained_weights``, checked to exist (None when no weights).
+
+    ``pretrained_path`` None means torchvision's file name in ``torch.hub.get_dir()/checkpoints``.
+    """
+    if pretrained_weights is None:
+        return None
+    if pretrained_weights not in PRETRAINED_FILES:
+        raise ValueError(
+            f"pretrained_weights: expected None or one of {sorted(PRETRAINED_FILES)}, "
+            f"found {pretrained_weights!r}"
+        )
+    file_name, url = PRETRAINED_FILES[pretrained_weights]
+    path = Path(pretrained_path or Path(torch.hub.get_dir()) / "checkpoints" / file_name).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained checkpoint for pretrained_weights={pretrained_weights!r} not found: {path}. "
+            f"Download {url} and pass its location with pretrained_path=... "
+            "(or run with pretrained_weights=None for a randomly initialised encoder)"
+        )
+    return path
+
+
+def evaluated_checkpoint(config: dict[str, Any]) -> Path:
+    """``reload_model_path``, or the newest snapshot of the run folder; the file must exist."""
+    if config["reload_model_path"]:
+        path = Path(config["reload_model_path"]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"reload_model_path: model checkpoint not found: {path}")
+        return path
+    snapshots = run_folder(config) / "snapshots"
+    newest = latest_snapshot(snapshots)
+    if newest is None:
+        raise FileNotFoundError(
+            f"no snapshot in {snapshots} (train this dataset/setting/fold first, "
+            "or pass reload_model_path=...)"
+        )
+    return newest
+
+
+def cross_evaluation(recorded: dict[str, Any] | None, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The :data:`CROSS_EVAL_KEYS` whose value in the checkpoint's ``recorded`` config differs from the
+    evaluation's: ``{key: {"checkpoint": value, "evaluation": value}}`` (empty when ``recorded`` is None)."""
+    if recorded is None:
+        return {}
+    return {
+        key: {"checkpoint": recorded.get(key), "evaluation": config[key]}
+        for key in CROSS_EVAL_KEYS
+        if recorded.get(key) != config[key]
+    }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_values(config: dict[str, Any]) -> None:
+    """Check every value of ``config`` with its key's name; one ``ValueError`` lists every bad value.
+
+    Types and ranges, not files (:func:`check_run_files`). An int key refuses floats (``image_size=64.7``
+    is not truncated to 64), and a number key refuses strings (``optim.lr=abc``).
+    """
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            value = config
+            for part in key.split("."):
+                value = value[part]
+            problems.append(f"{key}: expected {expected}, got {value!r}")
+
+    def positive_int(key: str) -> None:
+        need(_is_int(config[key]) and config[key] >= 1, key, "a positive int")
+
+    def one_of(key: str, choices: tuple) -> None:
+        need(config[key] in choices, key, f"one of {choices}")
+
+    def flag(key: str) -> None:
+        need(isinstance(config[key], bool), key, "True or False")
+
+    def optional(key: str, kind: type) -> None:
+        need(config[key] is None or isinstance(config[key], kind), key, f"None or a {kind.__name__}")
+
+    info = get_dataset_info(config["dataset"])
+    need(_is_int(config["seed"]) and 0 <= config["seed"] < 2**32, "seed", "an int in [0, 2**32 - 1]")
+    for key in (
+        "deterministic",
+        "use_gt",
+        "resume",
+        "decoder_extra_maps",
+        "channels_last",
+        "allow_cross_eval",
+    ):
+        flag(key)
+    need(isinstance(config["device"], str), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    need(_is_int(config["num_workers"]) and config["num_workers"] >= 0, "num_workers", "an int >= 0")
+    for key in ("data_root", "reload_model_path", "pretrained_path"):
+        optional(key, str)
+    fold_ok = _is_int(config["eval_fold"]) and 0 <= config["eval_fold"] < info.n_folds
+    need(fold_ok, "eval_fold", f"an int in 0..{info.n_folds - 1} ({info.name} has {info.n_folds} folds)")
+    one_of("setting", (1, 2))
+    for key in ("test_label", "exclude_label", "validate_labels"):
+        labels = config[key]
+        if labels is None and key != "test_label":
+            continue
+        need(
+            isinstance(labels, list | tuple)
+            and len(labels) > 0
+            and all(_is_int(v) and v in info.label_names for v in labels)
+            and len(set(labels)) == len(labels),
+            key,
+            f"{'a' if key == 'test_label' else 'None or a'} non-empty list of distinct {info.name} class "
+            f"values {dict(info.label_names)}",
+        )
+    if config["setting"] == 1 and config["exclude_label"]:
+        problems.append(
+            f"exclude_label={list(config['exclude_label'])} removes training slices, which is Setting 2: "
+            "add the named config setting2 (or setting=2) so that the run folder says so"
+        )
+    one_of("exclusion", EXCLUSION_MODES)
+    for key in ("n_sv", "n_part", "n_steps", "max_iters_per_load", "batch_size", "n_shot", "n_query"):
+        positive_int(key)
+    for key in ("print_interval", "save_snapshot_every"):
+        positive_int(key)
+    need(_is_int(config["min_size"]) and config["min_size"] >= 0, "min_size", "an int >= 0")
+    for key in ("image_size", "max_volumes", "validate_cases"):
+        need(
+            config[key] is None or (_is_int(config[key]) and config[key] >= 1), key, "None or a positive int"
+        )
+    n_fold = len(info.fold(config["eval_fold"])) if fold_ok else 0
+    need(
+        _is_int(config["supp_idx"]) and (not fold_ok or -n_fold <= config["supp_idx"] < n_fold),
+        "supp_idx",
+        f"an int in {-n_fold}..{n_fold - 1} (fold {config['eval_fold']} of {info.name} has {n_fold} volumes)",
+    )
+    need(config["n_way"] == 1 and _is_int(config["n_way"]), "n_way", "1 (DIFD is a 1-way method)")
+    need(_is_number(config["lr_step_gamma"]) and config["lr_step_gamma"] > 0, "lr_step_gamma", "a number > 0")
+    optim = config["optim"]
+    need(_is_number(optim.get("lr")) and optim["lr"] > 0, "optim.lr", "a number > 0")
+    need(
+        _is_number(optim.get("momentum")) and 0 <= optim["momentum"] < 1,
+        "optim.momentum",
+        "a number in [0, 1)",
+    )
+    need(
+        _is_number(optim.get("weight_decay")) and optim["weight_decay"] >= 0,
+        "optim.weight_decay",
+        "a number >= 0",
+    )
+    for term in LOSS_TERMS[:-1]:
+        if term in config["loss_weights"]:
+            weight = config["loss_weights"][term]
+            need(_is_number(weight) and weight >= 0, f"loss_weights.{term}", "a number >= 0")
+    need(_is_int(config["validate_every"]) and config["validate_every"] >= 0, "validate_every", "an int >= 0")
+    one_of("pretrained_weights", (None, *PRETRAINED_FILES))
+    one_of("region_sampling", REGION_SAMPLING)
+    one_of("multi_shot", MULTI_SHOT)
+    one_of("precision", PRECISIONS)
+    one_of("sgd_impl", SGD_IMPLS)
+    need(
+        isinstance(config["path"]["log_dir"], str) and config["path"]["log_dir"] != "",
+        "path.log_dir",
+        "a path",
+    )
+    need(isinstance(config["exp_str"], str) and config["exp_str"] != "", "exp_str", "a folder name")
+    if problems:
+        raise ValueError("bad config value(s):\n  " + "\n  ".join(problems))
+
+
+def check_run_files(config: dict[str, Any], command: str) -> None:
+    """What a ``train`` or ``test`` run needs before it makes its run folder: the device, the pretrained
+    checkpoint (train), the data root, no unfinished snapshots unless ``resume`` (train), the evaluated
+    checkpoint and the config it records (test; see :data:`CROSS_EVAL_KEYS`)."""
+    resolve_device(config["device"])
+    if command == "train":
+        resolve_pretrained_path(config["pretrained_weights"], config["pretrained_path"])
+    resolve_data_root(config["data_root"])
+    if command == "train":
+        newest = latest_snapshot(run_folder(config) / "snapshots")
+        if newest is not None and not config["resume"]:
+            raise FileExistsError(
+                f"{newest.parent} already holds snapshots (newest {newest.name}): pass resume=True to "
+                "continue that run, or choose another path.log_dir"
+            )
+    if command == "test":
+        checkpoint = evaluated_checkpoint(config)
+        differs = cross_evaluation(recorded_config(checkpoint), config)
+        if differs and not config["allow_cross_eval"]:
+            found = ", ".join(
+                f"{key}={pair['checkpoint']!r} in the checkpoint but {key}={pair['evaluation']!r} here"
+                for key, pair in differs.items()
+            )
+            raise ValueError(
+                f"{checkpoint} was trained with other settings: {found}. Its scores here would not be what "
+                "results.json claims (another fold's model is scored on its own training volumes); pass "
+                "allow_cross_eval=True for a deliberate cross-evaluation (results.json then says so)"
+            )
+
+
 @ex.config_hook
 def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> dict:
-    """Reject unknown keys, resolve ``mode`` and give train/test runs a FileStorageObserver.
+    """Reject unknown keys and bad values, resolve ``mode``, check the run's files and give train/test runs a
+    FileStorageObserver (which makes the run folder when the run starts, after this hook).
 
     Sacred raises for an unknown top-level key only when no captured function takes it, and never for a
     new entry inside a dict-valued key, so the check is done here against the base config.
@@ -201,12 +451,14 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
             f"unknown config key(s): {', '.join(hints)}; the keys are those of config.base_config: "
             f"{sorted(known)}"
         )
+    check_values(config)
     if command_name not in RUN_COMMANDS:
         return {}
     if config["mode"] not in (None, command_name):
         raise ValueError(
             f"mode={config['mode']!r} was given to the {command_name!r} script ({command_name}.py)"
         )
+    check_run_files(config, command_name)
     ex.observers[:] = [obs for obs in ex.observers if not isinstance(obs, FileStorageObserver)]
     # Under torchrun only rank 0 owns the run folder (the other ranks would race for the same run id).
     if int(os.environ.get("RANK", "0")) == 0:

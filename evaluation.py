@@ -1,5 +1,7 @@
-"""Evaluation protocol steps of spec section 5 used by ``test.py``: batched prediction of a query volume,
-scoring, and the saved outputs (NIfTI prediction with the query's geometry, PNG overlay).
+"""Evaluation protocol of spec section 5, one code path for ``test.py`` and the validation during training:
+batched prediction of a query volume, scoring per class (:func:`evaluate_class`), the validation wrapper
+(:func:`validate`) and the saved outputs of ``test.py`` (NIfTI prediction with the query's geometry, PNG
+overlay).
 
 Prediction of one query volume: its labelled slices are split into ``n_part`` chunks; chunk ``k`` is
 predicted with support slice ``k`` in ONE forward pass holding all the chunk's slices as queries
@@ -12,7 +14,9 @@ cast to float32 before the upsampling and the argmax.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -20,8 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpoint import capture_rng_state, restore_rng_state
 from dataloaders.io import Geometry, write_volume
+from dataloaders.test_dataset import TestDataset
+from metrics import dice_iou
 from runtime import autocast
+
+#: Called by :func:`evaluate_class` after each scored query volume: ``(query, pred, dice, iou)``, with
+#: ``query`` a ``TestDataset`` item and ``pred`` its ``(Zc, H, W)`` int64 prediction.
+QueryCallback = Callable[[dict[str, Any], torch.Tensor, float, float], None]
 
 #: Overlay colours (BGR, as OpenCV writes them): ground truth green, prediction red.
 GT_COLOUR = (0, 255, 0)
@@ -62,6 +73,70 @@ def predict_query_volume(
             probs = F.interpolate(probs, size=native_hw, mode="bilinear", align_corners=False)
         pred[start:end] = probs.argmax(dim=1).cpu()
     return pred
+
+
+def evaluate_class(
+    model: nn.Module,
+    test_set: TestDataset,
+    device: torch.device,
+    precision: str = "fp32",
+    on_query: QueryCallback | None = None,
+) -> dict[str, Any]:
+    """Spec section 5 for one class: predict every query volume of ``test_set`` and score it.
+
+    ``model`` must already be in eval mode. Query volumes without the class are skipped (listed under
+    ``skipped``); a class that no query volume holds is a ``ValueError`` (``check_fold_classes`` finds it
+    earlier). Returns ``label``, ``support_case``, ``support_slices``, ``dice`` and ``iou`` (per query case
+    id, as strings), ``skipped``, ``mean_dice`` and ``mean_iou``.
+    """
+    support = test_set.support()
+    entry: dict[str, Any] = {
+        "label": test_set.test_label,
+        "support_case": support["case_id"],
+        "support_slices": support["slice_indices"].tolist(),
+        "dice": {},
+        "iou": {},
+        "skipped": [],
+    }
+    for query in test_set:
+        if query["labels"].shape[0] == 0:
+            entry["skipped"].append(query["case_id"])
+            continue
+        pred = predict_query_volume(model, support, query, device, precision)
+        dice, iou = dice_iou(pred.numpy(), query["labels"].numpy())
+        entry["dice"][str(query["case_id"])] = dice
+        entry["iou"][str(query["case_id"])] = iou
+        if on_query is not None:
+            on_query(query, pred, dice, iou)
+    if not entry["dice"]:
+        name = test_set.info.class_name(test_set.test_label)
+        raise ValueError(f"{name}: none of the query volumes {entry['skipped']} contains the class")
+    entry["mean_dice"] = sum(entry["dice"].values()) / len(entry["dice"])
+    entry["mean_iou"] = sum(entry["iou"].values()) / len(entry["iou"])
+    return entry
+
+
+def validate(
+    model: nn.Module, test_sets: Mapping[str, TestDataset], device: torch.device, precision: str = "fp32"
+) -> dict[str, float]:
+    """Mean Dice per class name, and their ``'mean'``, by :func:`evaluate_class` (validation in training).
+
+    Runs in eval mode and puts ``model`` back in its previous mode; the global RNG states (Python, NumPy,
+    torch, CUDA) are saved before and restored after, so that the forward passes, which may draw
+    (``region_sampling='random'``), leave the training trajectory exactly as it would be without them.
+    """
+    was_training = model.training
+    rng = capture_rng_state()
+    model.eval()
+    try:
+        dice = {
+            name: evaluate_class(model, ts, device, precision)["mean_dice"] for name, ts in test_sets.items()
+        }
+    finally:
+        model.train(was_training)
+        restore_rng_state(rng)
+    dice["mean"] = sum(dice.values()) / len(dice)
+    return dice
 
 
 def save_prediction_nifti(

@@ -5,18 +5,31 @@ Examples::
     python train.py with abd_mri setting1 official_script eval_fold=0
     python train.py with abd_mri setting1 official_script eval_fold=0 resume=True   # after an interruption
     python train.py with debug                                                       # a few CPU steps
+    python train.py with debug validate_every=2                                      # ... with validation
 
-Order of work (so that a bad configuration fails before any training step): check the config values,
-resolve the device once and seed every generator, check the pretrained checkpoint file, read every training
-volume (TrainDataset), build the model, optimiser (SGD) and MultiStepLR, then train. The loss terms are
-accumulated on the device and synchronised only every ``print_interval`` steps, when they are logged to
-Sacred (``metrics.json``), to the log and to the progress bar.
+Phases (so that a bad configuration fails before any training step): every config value and the files the
+run needs are checked in the config hook (config.py) before Sacred makes the run folder; :func:`set_up`
+resolves the device once, seeds every generator, reads every training volume (TrainDataset) and the
+validation volumes, builds the model, optimiser (SGD) and MultiStepLR; :func:`resume` loads the newest
+snapshot when asked; then the loop. The loss terms are accumulated on the device and synchronised only
+every ``print_interval`` steps, when they and the learning rate are logged to Sacred (``metrics.json``), to
+the log and to the progress bar (:class:`Monitor`).
+
+Validation (``validate_every`` steps, 0 = off, and at the last step): the evaluation protocol of
+``test.py`` (:func:`evaluation.validate`) on the first ``validate_cases`` query volumes of the fold for every
+class of ``validate_labels`` (default ``test_label``), at the training ``image_size``, in eval mode, on rank
+0; the global RNG states are restored afterwards, so a run with validation follows the loss trajectory of
+one without. Logged as ``val_dice_<CLASS>`` and ``val_dice_mean``. These are the fold's TEST volumes: the
+curve is for monitoring, never for choosing the snapshot of a reported number. ``progress.png`` in the
+Sacred run folder (``fold<k>/train/<id>/``) is redrawn at every validation and every snapshot
+(:mod:`progress`; ``script/plot_run.py`` redraws it from ``metrics.json``).
 
 Exact resume: episode ``i`` is a function of ``(seed, i)`` only (TrainDataset), the DataLoader's sampler
 starts at ``step * batch_size`` and owns its generator, and a snapshot holds the model, optimiser,
 scheduler, step and global RNG states, so a resumed run follows the loss trajectory of an uninterrupted
-one. The first Ctrl-C (SIGINT) finishes the current step, writes a snapshot and stops; a second one stops
-at once.
+one. The first Ctrl-C (SIGINT) finishes the current step, writes a snapshot and stops with the one line
+"stopped at step N; continue with resume=True" (Sacred status INTERRUPTED, exit by SIGINT); a second one
+stops at once.
 
 Speed switches (defaults: the faithful numerics; :mod:`runtime`): ``precision='bf16'`` runs the model's
 forward under bfloat16 autocast (the losses stay float32), ``channels_last=True`` stores the convolution
@@ -26,21 +39,27 @@ Scale-out: ``torchrun --nproc_per_node=K train.py with ...`` trains with Distrib
 CUDA, one GPU per process; gloo on CPU). ``batch_size`` is per process: each step draws ``K * batch_size``
 episodes, rank ``r`` takes the ``r``-th slice of ``batch_size`` of them, computes its loss exactly as a
 single process would and DDP averages the K gradients. Rank 0 alone writes the Sacred run folder, the
-logged losses (averaged over the ranks at the logging step, the only synchronisation) and the snapshots
-(of the unwrapped model). Each rank draws its dropout masks from its own stream (runtime.seed_ranks); a
-snapshot records the world size and every rank's RNG state, and a resume must use the same world size. Under
-torchrun a SIGINT stops at the next logging step (the ranks agree on it there).
+logged losses (averaged over the ranks at the logging step, the only synchronisation), the validation and
+the snapshots (of the unwrapped model). Each rank draws its dropout masks from its own stream
+(runtime.seed_ranks); a snapshot records the world size and every rank's RNG state, and a resume must use
+the same world size. Under torchrun a SIGINT stops at the next logging step (the ranks agree on it there).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -52,15 +71,18 @@ from checkpoint import (
     restore_training_state,
     save_snapshot,
 )
-from config import ex, run_folder
-from dataloaders import TrainDataset, get_dataset_info, list_cases, worker_init_fn
+from config import ex, output_dir, resolve_pretrained_path, run_folder
+from dataloaders import TestDataset, TrainDataset, get_dataset_info, list_cases, worker_init_fn
+from dataloaders.test_dataset import check_fold_classes
+from evaluation import validate
 from models import DIFDLoss, build_difd
+from progress import draw_progress, missing_matplotlib
 from runtime import (
     LOSS_TERMS,
+    DistributedContext,
     EpisodeIndices,
     apply_memory_format,
     build_sgd,
-    check_precision,
     init_distributed,
     seed_ranks,
     training_step,
@@ -68,16 +90,6 @@ from runtime import (
     wrap_distributed,
 )
 from utils import resolve_data_root, resolve_device, set_seed
-
-#: torchvision's checkpoints for ``pretrained_weights``: file name (in ``torch.hub.get_dir()/checkpoints``
-#: when ``pretrained_path`` is None) and download address.
-PRETRAINED_FILES = {
-    "deeplabv3": (
-        "deeplabv3_resnet101_coco-586e9e4e.pth",
-        "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth",
-    ),
-    "resnet101": ("resnet101-63fe2227.pth", "https://download.pytorch.org/models/resnet101-63fe2227.pth"),
-}
 
 #: Config keys that decide the loss trajectory: a resumed run must use the snapshot's values.
 RESUME_MUST_MATCH = (
@@ -110,32 +122,19 @@ RESUME_MUST_MATCH = (
     "sgd_impl",
 )
 
-
 #: Values of the speed keys in snapshots written before those keys existed (the faithful numerics).
 SPEED_KEY_DEFAULTS = {"precision": "fp32", "channels_last": False, "sgd_impl": None}
 
 
-def resolve_pretrained_path(pretrained_weights: str | None, pretrained_path: str | None) -> Path | None:
-    """The local checkpoint file for ``pretrained_weights``, checked to exist (None when no weights).
+class TrainingStopped(KeyboardInterrupt):
+    """A graceful stop (first Ctrl-C) after the snapshot of ``step`` was written.
 
-    ``pretrained_path`` None means torchvision's file name in ``torch.hub.get_dir()/checkpoints``.
+    A ``KeyboardInterrupt``, so that Sacred records the run as INTERRUPTED; ``__main__`` prints its one line
+    instead of a traceback.
     """
-    if pretrained_weights is None:
-        return None
-    if pretrained_weights not in PRETRAINED_FILES:
-        raise ValueError(
-            f"pretrained_weights: expected None or one of {sorted(PRETRAINED_FILES)}, "
-            f"found {pretrained_weights!r}"
-        )
-    file_name, url = PRETRAINED_FILES[pretrained_weights]
-    path = Path(pretrained_path or Path(torch.hub.get_dir()) / "checkpoints" / file_name).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained checkpoint for pretrained_weights={pretrained_weights!r} not found: {path}. "
-            f"Download {url} and pass its location with pretrained_path=... "
-            "(or run with pretrained_weights=None for a randomly initialised encoder)"
-        )
-    return path
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped at step {step}; continue with resume=True")
 
 
 def lr_milestones(n_steps: int, max_iters_per_load: int) -> list[int]:
@@ -160,255 +159,336 @@ def training_case_ids(
     return training[:max_volumes]
 
 
-def _plain(config: dict[str, Any]) -> dict[str, Any]:
-    """The Sacred config as plain JSON types (Sacred's read-only containers do not pickle portably)."""
-    return json.loads(json.dumps(config))
-
-
-def _check_values(cfg: dict[str, Any]) -> None:
-    """Value checks that Sacred's key check cannot do; every message names the key."""
-    positive = ("n_steps", "max_iters_per_load", "batch_size", "n_shot", "n_query", "print_interval")
-    for key in (*positive, "save_snapshot_every"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"{key} must be a positive int, got {cfg[key]!r}")
-    if cfg["n_way"] != 1:
-        raise ValueError(f"n_way: DIFD is a 1-way method, got n_way={cfg['n_way']!r}")
-    if cfg["setting"] not in (1, 2):
-        raise ValueError(f"setting must be 1 or 2, got {cfg['setting']!r}")
-    if cfg["setting"] == 1 and cfg["exclude_label"]:
-        raise ValueError(
-            f"exclude_label={list(cfg['exclude_label'])} removes training slices, which is Setting 2: "
-            "add the named config setting2 (or setting=2) so that the run folder says so"
+def validation_sets(cfg: dict[str, Any], root: Path) -> dict[str, TestDataset]:
+    """The validation's TestDatasets, one per class name, their query volumes read once (preloaded)."""
+    info = get_dataset_info(cfg["dataset"])
+    labels = cfg["validate_labels"] or cfg["test_label"]
+    key = "validate_labels" if cfg["validate_labels"] else "validate_labels (None: test_label)"
+    check_fold_classes(info, root, cfg["eval_fold"], labels, cfg["supp_idx"], cfg["validate_cases"], key)
+    return {
+        info.class_name(label): TestDataset(
+            info,
+            root,
+            cfg["eval_fold"],
+            label,
+            cfg["supp_idx"],
+            cfg["n_part"],
+            cfg["image_size"],
+            n_queries=cfg["validate_cases"],
+            preload=True,
         )
-    unknown_terms = set(cfg["loss_weights"]) - set(LOSS_TERMS)
-    if unknown_terms:
-        raise ValueError(f"loss_weights: unknown terms {sorted(unknown_terms)}; expected {LOSS_TERMS[:-1]}")
-    check_precision(cfg["precision"])
-    if not isinstance(cfg["channels_last"], bool):
-        raise ValueError(f"channels_last must be true or false, got {cfg['channels_last']!r}")
+        for label in labels
+    }
 
 
-@ex.main
-def train(
-    _run,
-    _log,
-    _config,
-    seed: int,
-    deterministic: bool,
-    device: str,
-    num_workers: int,
-    data_root: str | None,
-    dataset: str,
-    eval_fold: int,
-    test_label: list[int],
-    exclude_label: list[int] | None,
-    exclusion: str,
-    use_gt: bool,
-    n_sv: int,
-    min_size: int,
-    image_size: int | None,
-    max_volumes: int | None,
-    n_steps: int,
-    max_iters_per_load: int,
-    batch_size: int,
-    n_shot: int,
-    n_query: int,
-    lr_step_gamma: float,
-    optim: dict[str, float],
-    loss_weights: dict[str, float],
-    print_interval: int,
-    save_snapshot_every: int,
-    resume: bool,
-    pretrained_weights: str | None,
-    pretrained_path: str | None,
-    decoder_extra_maps: bool,
-    region_sampling: str,
-    multi_shot: str,
-    precision: str,
-    channels_last: bool,
-    sgd_impl: str | None,
-) -> str:
-    """Train one fold; returns the path of the final snapshot."""
-    config = _plain(_config)
-    _check_values(config)
-    dist_context, torch_device = init_distributed(resolve_device(device))
-    world_size = dist_context.world_size
+@dataclass
+class Job:
+    """What :func:`set_up` builds for the training loop."""
+
+    dist: DistributedContext
+    device: torch.device
+    train_set: TrainDataset
+    val_sets: dict[str, TestDataset] | None  # rank 0 with validate_every > 0, else None
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    loss_fn: DIFDLoss
+    snapshot_dir: Path
+
+
+def set_up(cfg: dict[str, Any], _log) -> Job:
+    """Device, seeds, training and validation volumes, model, optimiser and scheduler."""
+    dist_context, device = init_distributed(resolve_device(cfg["device"]))
     # Every rank builds the model from the same seed (same initial weights), then draws its dropout masks
     # from its own stream (runtime.seed_ranks); snapshots keep every rank's RNG state.
-    set_seed(seed, deterministic)
-    weights_file = resolve_pretrained_path(pretrained_weights, pretrained_path)
-    root = resolve_data_root(data_root)
-
-    folder = run_folder(config)
-    snapshot_dir = folder / "snapshots"
+    set_seed(cfg["seed"], cfg["deterministic"])
+    weights_file = resolve_pretrained_path(cfg["pretrained_weights"], cfg["pretrained_path"])
+    root = resolve_data_root(cfg["data_root"])
+    folder = run_folder(cfg)
     if dist_context.is_main:
-        remove_stale_temporaries(snapshot_dir, _log)
-    newest = latest_snapshot(snapshot_dir)
-    if newest is not None and not resume:
-        raise FileExistsError(
-            f"{snapshot_dir} already holds snapshots (newest {newest.name}): pass resume=True to continue "
-            "that run, or choose another path.log_dir"
-        )
-
+        remove_stale_temporaries(folder / "snapshots", _log)  # left by a run killed while writing one
     _log.info(
-        f"device {torch_device}; data root {root}; run folder {folder}; "
-        f"rank {dist_context.rank} of {world_size}"
+        f"device {device}; data root {root}; run folder {folder}; rank {dist_context.rank} of "
+        f"{dist_context.world_size}"
     )
     train_set = TrainDataset(
-        dataset,
+        cfg["dataset"],
         root,
-        eval_fold,
-        n_shot=n_shot,
-        n_query=n_query,
-        use_gt=use_gt,
-        exclude_label=exclude_label,
-        exclusion=exclusion,
-        min_size=min_size,
-        image_size=image_size,
+        cfg["eval_fold"],
+        n_shot=cfg["n_shot"],
+        n_query=cfg["n_query"],
+        use_gt=cfg["use_gt"],
+        exclude_label=cfg["exclude_label"],
+        exclusion=cfg["exclusion"],
+        min_size=cfg["min_size"],
+        image_size=cfg["image_size"],
         augment=True,
-        seed=seed,
-        length=n_steps * batch_size * world_size,
-        n_sv=n_sv,
-        case_ids=training_case_ids(dataset, root, eval_fold, use_gt, n_sv, max_volumes),
-        test_labels=test_label,
+        seed=cfg["seed"],
+        length=cfg["n_steps"] * cfg["batch_size"] * dist_context.world_size,
+        n_sv=cfg["n_sv"],
+        case_ids=training_case_ids(
+            cfg["dataset"], root, cfg["eval_fold"], cfg["use_gt"], cfg["n_sv"], cfg["max_volumes"]
+        ),
+        test_labels=cfg["test_label"],
     )
     _log.info(f"{len(train_set.volumes)} training volumes: case ids {[v.case_id for v in train_set.volumes]}")
+    val_sets = None
+    if cfg["validate_every"] > 0 and dist_context.is_main:
+        val_sets = validation_sets(cfg, root)
+        first = next(iter(val_sets.values()))
+        _log.info(
+            f"validation every {cfg['validate_every']} steps on {list(val_sets)}: support case "
+            f"{first.support_case.case_id}, query cases {[c.case_id for c in first.query_cases]} "
+            "(the fold's test volumes: for monitoring only)"
+        )
 
     model = build_difd(
-        pretrained_weights=pretrained_weights,
+        pretrained_weights=cfg["pretrained_weights"],
         pretrained_path=None if weights_file is None else str(weights_file),
-        decoder_extra_maps=decoder_extra_maps,
-        region_sampling=region_sampling,
-        multi_shot=multi_shot,
-    ).to(torch_device)
-    apply_memory_format(model, channels_last)
+        decoder_extra_maps=cfg["decoder_extra_maps"],
+        region_sampling=cfg["region_sampling"],
+        multi_shot=cfg["multi_shot"],
+    ).to(device)
+    apply_memory_format(model, cfg["channels_last"])
     model.train()
-    seed_ranks(seed, dist_context, deterministic)
+    seed_ranks(cfg["seed"], dist_context, cfg["deterministic"])
+    optim = cfg["optim"]
     optimizer = build_sgd(
-        model.parameters(), optim["lr"], optim["momentum"], optim["weight_decay"], impl=sgd_impl
+        model.parameters(), optim["lr"], optim["momentum"], optim["weight_decay"], impl=cfg["sgd_impl"]
     )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=lr_milestones(n_steps, max_iters_per_load), gamma=lr_step_gamma
+        optimizer,
+        milestones=lr_milestones(cfg["n_steps"], cfg["max_iters_per_load"]),
+        gamma=cfg["lr_step_gamma"],
     )
-    loss_fn = DIFDLoss(**loss_weights)
-
-    start_step = 0
-    if resume and newest is not None:
-        newest, payload = load_resume_snapshot(snapshot_dir, _log)
-        saved = {**SPEED_KEY_DEFAULTS, **payload["config"]}
-        changed = {
-            key: (saved.get(key), config[key]) for key in RESUME_MUST_MATCH if saved.get(key) != config[key]
-        }
-        if saved.get("world_size", 1) != world_size:
-            changed["world_size (torchrun processes)"] = (saved.get("world_size", 1), world_size)
-        if changed:
-            raise ValueError(
-                f"resume: these keys differ from the snapshot {newest} (snapshot, now): {changed}"
-            )
-        start_step = restore_training_state(
-            payload, model, optimizer, scheduler, dist_context.rank if dist_context.enabled else None
-        )
-        _log.info(f"resumed from {newest} at step {start_step}")
-    elif resume:
-        _log.warning(f"resume=True but {snapshot_dir} holds no snapshot: starting at step 0")
-    if start_step >= n_steps:
-        _log.info(f"nothing to do: the newest snapshot is at step {start_step} of {n_steps}")
-        return str(newest)
-    # Wrapped after loading, so the snapshot's (unprefixed) state dict loads into the plain model.
-    model = wrap_distributed(model, dist_context, torch_device)
-    snapshot_config = {**config, "world_size": world_size}
-
-    loader = DataLoader(
+    return Job(
+        dist_context,
+        device,
         train_set,
-        batch_size=batch_size,
-        sampler=EpisodeIndices(start_step, n_steps, batch_size, dist_context.rank, world_size),
-        num_workers=num_workers,
-        pin_memory=torch_device.type == "cuda",
+        val_sets,
+        model,
+        optimizer,
+        scheduler,
+        DIFDLoss(**cfg["loss_weights"]),
+        folder / "snapshots",
+    )
+
+
+def resume(job: Job, cfg: dict[str, Any], _log) -> int:
+    """With ``resume=True``, load the newest snapshot (model, optimiser, scheduler, this rank's RNG state)
+    after checking that it was trained with this config; returns the step to continue from (0: start)."""
+    if not cfg["resume"]:
+        return 0
+    newest = latest_snapshot(job.snapshot_dir)
+    if newest is None:
+        _log.warning(f"resume=True but {job.snapshot_dir} holds no snapshot: starting at step 0")
+        return 0
+    newest, payload = load_resume_snapshot(job.snapshot_dir, _log)  # skips damaged ones, with a warning
+    saved = {**SPEED_KEY_DEFAULTS, **payload["config"]}
+    changed = {key: (saved.get(key), cfg[key]) for key in RESUME_MUST_MATCH if saved.get(key) != cfg[key]}
+    if saved.get("world_size", 1) != job.dist.world_size:
+        changed["world_size (torchrun processes)"] = (saved.get("world_size", 1), job.dist.world_size)
+    if changed:
+        raise ValueError(f"resume: these keys differ from the snapshot {newest} (snapshot, now): {changed}")
+    step = restore_training_state(
+        payload, job.model, job.optimizer, job.scheduler, job.dist.rank if job.dist.enabled else None
+    )
+    _log.info(f"resumed from {newest} at step {step}")
+    return step
+
+
+def episode_loader(job: Job, cfg: dict[str, Any], start_step: int) -> DataLoader:
+    """This rank's episodes from ``start_step`` on (:class:`runtime.EpisodeIndices`)."""
+    if cfg["num_workers"] > 0:
+        # OpenCV's thread pool, started here by resizing the validation volumes, must not be alive when the
+        # workers are forked: a worker's cv2.setNumThreads (worker_init_fn) then waits forever on the copied
+        # pool (1 run in 3 hung at its first step). The episodes are made in the workers, so the main
+        # process needs no OpenCV threads from now on.
+        cv2.setNumThreads(1)
+    return DataLoader(
+        job.train_set,
+        batch_size=cfg["batch_size"],
+        sampler=EpisodeIndices(
+            start_step, cfg["n_steps"], cfg["batch_size"], job.dist.rank, job.dist.world_size
+        ),
+        num_workers=cfg["num_workers"],
+        pin_memory=job.device.type == "cuda",
         drop_last=True,
         worker_init_fn=worker_init_fn,
         # Its own generator: creating the iterator must not draw from the global RNG, whose state the
         # snapshot restores (else a resumed run's dropout masks would shift by one draw).
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(cfg["seed"]),
     )
 
-    stop_requested = False
 
-    def request_stop(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-        signal.signal(signal.SIGINT, previous_handler)  # a second Ctrl-C stops at once
+class StopRequest:
+    """The first SIGINT sets :attr:`requested` (the loop stops after a snapshot); a second stops at once."""
 
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
-    # Loss sums, then one slot that counts the ranks asking to stop (summed over ranks when logging).
-    running = torch.zeros(len(LOSS_TERMS) + 1, device=torch_device)
-    n_running = 0
-    step = start_step
-    progress = tqdm(
-        total=n_steps,
-        initial=start_step,
-        desc=f"{dataset} fold {eval_fold}",
-        dynamic_ncols=True,
-        disable=not dist_context.is_main,
-    )
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def close(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class Monitor:
+    """Logging and validation phases: loss sums on the device, learning rate, Sacred metrics, log lines,
+    progress bar, validation and ``progress.png`` (rank 0 writes; the others only take part in the sync)."""
+
+    def __init__(self, _run, _log, cfg: dict[str, Any], job: Job, start_step: int) -> None:
+        self.run, self.logger, self.job = _run, _log, job
+        self.main = job.dist.is_main
+        # Loss sums, then one slot that counts the ranks asking to stop (summed over ranks when logging).
+        self.running = torch.zeros(len(LOSS_TERMS) + 1, device=job.device)
+        self.n_running = 0
+        self.lr = float("nan")
+        self.history: dict[str, dict[str, list]] = {}  # metrics.json's layout, for progress.png
+        self.postfix: dict[str, str] = {}
+        self.picture: Path | None = output_dir(_run, cfg, "train") / "progress.png"
+        if self.main and (reason := missing_matplotlib()):
+            _log.warning(
+                f"no progress.png: {reason}; metrics.json holds every value it would show "
+                "(script/plot_run.py draws it where matplotlib is installed)"
+            )
+            self.picture = None
+        self.title = f"{cfg['dataset']} setting {cfg['setting']} fold {cfg['eval_fold']}"
+        self.progress = tqdm(
+            total=cfg["n_steps"],
+            initial=start_step,
+            desc=f"{cfg['dataset']} fold {cfg['eval_fold']}",
+            dynamic_ncols=True,
+            disable=not self.main,
+        )
+
+    def add(self, losses: torch.Tensor, lr: float) -> None:
+        """Accumulate one step's detached loss terms ``(5,)`` (no sync) and the learning rate it used."""
+        self.running[:-1] += losses
+        self.n_running += 1
+        self.lr = lr
+        self.progress.update(1)
+
+    def _record(self, name: str, value: float, step: int) -> None:
+        self.run.log_scalar(name, value, step)
+        series = self.history.setdefault(name, {"steps": [], "values": []})
+        series["steps"].append(step)
+        series["values"].append(value)
+
+    def log(self, step: int, stop_requested: bool) -> bool:
+        """Log the mean loss terms since the last logging step (the one sync); returns whether any rank
+        asked to stop."""
+        if self.job.dist.enabled:
+            self.running[-1] = float(stop_requested)
+            dist.all_reduce(self.running)
+            self.running[:-1] /= self.job.dist.world_size
+        *means, n_stop = (self.running / self.n_running).tolist()
+        self.running.zero_()
+        self.n_running = 0
+        if self.main:
+            for name, value in zip(LOSS_TERMS, means, strict=True):
+                self._record(name, value, step)
+            self._record("lr", self.lr, step)
+            self.postfix.update({name: f"{value:.4f}" for name, value in zip(LOSS_TERMS, means, strict=True)})
+            self.progress.set_postfix(self.postfix)
+            terms = ", ".join(f"{name} {value:.5f}" for name, value in zip(LOSS_TERMS, means, strict=True))
+            self.logger.info(f"step {step}: {terms}, lr {self.lr:.3g}")
+        return n_stop > 0
+
+    def validate(self, step: int, model: nn.Module, precision: str) -> None:
+        """Validation Dice per class and mean (rank 0; the model is the unwrapped one), then the picture."""
+        if self.job.val_sets is None:
+            return
+        start = time.perf_counter()
+        dice = validate(model, self.job.val_sets, self.job.device, precision)
+        for name, value in dice.items():
+            self._record(f"val_dice_{name}", value, step)
+        self.postfix["val"] = f"{100 * dice['mean']:.1f}%"
+        self.progress.set_postfix(self.postfix)
+        n_cases = len(next(iter(self.job.val_sets.values())))
+        scores = ", ".join(f"{name} {100 * value:.2f} %" for name, value in dice.items())
+        self.logger.info(
+            f"step {step} validation ({n_cases} query volume(s), "
+            f"{time.perf_counter() - start:.1f} s): {scores}"
+        )
+        self.draw()
+
+    def draw(self) -> None:
+        """Rewrite ``progress.png`` (atomically) from what was logged so far."""
+        if self.main and self.picture is not None and self.history:
+            draw_progress(self.history, self.picture, self.title)
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+def save_snapshot_all_ranks(job: Job, step: int, config: dict[str, Any], _log) -> None:
+    """Snapshot ``<step>.pth`` of the unwrapped model, written by rank 0 with every rank's RNG state."""
+    rng_ranks = None
+    if job.dist.enabled:
+        rng_ranks = [None] * job.dist.world_size
+        dist.all_gather_object(rng_ranks, capture_rng_state())
+    if job.dist.is_main:
+        save_snapshot(
+            job.snapshot_dir / f"{step}.pth",
+            step=step,
+            model=unwrap(job.model),
+            optimizer=job.optimizer,
+            scheduler=job.scheduler,
+            config=config,
+            rng_ranks=rng_ranks,
+            final=step == config["n_steps"],
+        )
+        _log.info(f"snapshot {job.snapshot_dir / f'{step}.pth'}")
+
+
+@ex.main
+def train(_run, _log, _config) -> str:
+    """Train one fold; returns the path of the final snapshot."""
+    cfg = json.loads(json.dumps(_config))  # plain types: Sacred's read-only containers do not pickle portably
+    job = set_up(cfg, _log)
+    start_step, n_steps = resume(job, cfg, _log), cfg["n_steps"]
+    final = job.snapshot_dir / f"{n_steps}.pth"
+    if start_step >= n_steps:
+        _log.info(f"nothing to do: the newest snapshot is at step {start_step} of {n_steps}")
+        return str(final)
+    # Wrapped after loading, so the snapshot's (unprefixed) state dict loads into the plain model.
+    model = job.model = wrap_distributed(job.model, job.dist, job.device)
+    snapshot_config = {**cfg, "world_size": job.dist.world_size}
+    monitor, stop = Monitor(_run, _log, cfg, job, start_step), StopRequest()
     try:
-        for batch in loader:
-            running[:-1] += training_step(model, loss_fn, optimizer, batch, torch_device, precision)
-            scheduler.step()
-            step += 1
-            progress.update(1)
-            n_running += 1
-            stop_now = stop_requested and not dist_context.enabled
-            if step % print_interval == 0 or step == n_steps:
-                if dist_context.enabled:
-                    running[-1] = float(stop_requested)
-                    dist.all_reduce(running)
-                    running[:-1] /= world_size
-                means = (running / n_running).tolist()  # the only host-device synchronisation
-                stop_now = stop_now or means[-1] > 0
-                means = means[:-1]
-                if dist_context.is_main:
-                    for name, value in zip(LOSS_TERMS, means, strict=True):
-                        _run.log_scalar(name, value, step)
-                    progress.set_postfix(
-                        {name: f"{value:.4f}" for name, value in zip(LOSS_TERMS, means, strict=True)}
-                    )
-                    _log.info(
-                        f"step {step}: "
-                        + ", ".join(
-                            f"{name} {value:.5f}" for name, value in zip(LOSS_TERMS, means, strict=True)
-                        )
-                        + f", lr {scheduler.get_last_lr()[0]:.3g}"
-                    )
-                running.zero_()
-                n_running = 0
-            if step % save_snapshot_every == 0 or step == n_steps or stop_now:
-                rng_ranks = None
-                if dist_context.enabled:
-                    rng_ranks = [None] * world_size
-                    dist.all_gather_object(rng_ranks, capture_rng_state())
-                if dist_context.is_main:
-                    path = save_snapshot(
-                        snapshot_dir / f"{step}.pth",
-                        step=step,
-                        model=unwrap(model),
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        config=snapshot_config,
-                        rng_ranks=rng_ranks,
-                        final=step == n_steps,
-                    )
-                    _log.info(f"snapshot {path}")
-            if stop_now:
-                raise KeyboardInterrupt(f"stopped at step {step}; continue with resume=True")
+        for step, batch in enumerate(episode_loader(job, cfg, start_step), start=start_step + 1):
+            losses = training_step(model, job.loss_fn, job.optimizer, batch, job.device, cfg["precision"])
+            monitor.add(losses, lr=job.optimizer.param_groups[0]["lr"])
+            job.scheduler.step()
+            stopping = stop.requested and not job.dist.enabled  # under torchrun the ranks agree when logging
+            if step % cfg["print_interval"] == 0 or step == n_steps:
+                stopping = monitor.log(step, stop.requested) or stopping
+            if cfg["validate_every"] and (step % cfg["validate_every"] == 0 or step == n_steps):
+                monitor.validate(step, unwrap(model), cfg["precision"])
+            if step % cfg["save_snapshot_every"] == 0 or step == n_steps or stopping:
+                save_snapshot_all_ranks(job, step, snapshot_config, _log)
+                monitor.draw()
+            if stopping:
+                raise TrainingStopped(step)
     finally:
-        progress.close()
-        signal.signal(signal.SIGINT, previous_handler)
-        if dist_context.enabled and dist.is_initialized():
+        monitor.close()
+        stop.close()
+        if job.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
-    final = snapshot_dir / f"{n_steps}.pth"
     _run.info["final_snapshot"] = str(final)
     return str(final)
 
 
 if __name__ == "__main__":
-    ex.run_commandline()
+    try:
+        ex.run_commandline()
+    except TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        # Die of SIGINT, as an uncaught KeyboardInterrupt does: the exit status says "interrupted" to the
+        # calling shell (which then stops a loop over folds), not "failed".
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)

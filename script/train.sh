@@ -4,6 +4,8 @@
 #   e.g. bash script/train.sh abd_ct setting2 pretrained_path=/data/weights/deeplabv3_resnet101_coco-586e9e4e.pth
 # Folds: FOLDS="0 1 2 3 4" (default). Each fold gets its own run folder runs/<DATASET>_setting<k>/fold<f>/;
 # an interrupted fold continues with: bash script/train.sh <dataset> <setting> resume=True
+# Each run validates every 2000 steps on the fold's test volumes (monitoring only; validate_every=0 turns it
+# off) and redraws runs/<DATASET>_setting<k>/fold<f>/train/<id>/progress.png.
 # GPUs: the folds are spread over the visible GPUs, one training process per GPU (CUDA_VISIBLE_DEVICES
 # set per fold), in groups of the GPU count run in parallel; GPUS="0 1" picks them, GPUS="" (or no GPU)
 # trains the folds one after another on the default device. Each parallel fold logs to

@@ -1,9 +1,12 @@
 """End-to-end tests of train.py / test.py on the real CHAOST2 copy (CPU, ``debug`` config, 64 px).
 
-A miniature data root links six CHAOST2 cases: fold 1 is then positions 4-5 (support = position 4, one
-query volume = position 5) and training uses positions 0-3 (``debug`` keeps 3 of them). One uninterrupted
-4-step run serves the evaluation checks and is the reference for the resume test (the same run stopped by
-SIGINT after its step-2 snapshot, then resumed, must log the same losses at every step).
+A miniature data root (:mod:`tests.run_fixtures`) links six CHAOST2 cases: fold 1 is then positions 4-5
+(support = position 4, one query volume = position 5) and training uses positions 0-3 (``debug`` keeps 3
+of them). One uninterrupted 4-step run serves the evaluation checks and is the reference for the resume
+test (the same run stopped by SIGINT after its step-2 snapshot, then resumed, must log the same losses at
+every step) and for the validation test (the same run validating every 2 steps must log exactly the same
+losses). The runs use ``region_sampling='random'``, so the model's boxes come from the global torch RNG:
+whatever a resume or a validation did to that stream would show in the losses.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from dataloaders import get_dataset_info, list_cases
+from checkpoint import read_snapshot
+from dataloaders import list_cases
 from evaluation import predict_query_volume
 from metrics import dice_iou
+from tests.run_fixtures import load_test_script, make_mini_root, one_thread
 from tests.tiny_difd import tiny_difd
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_CLASS = 2  # RK: few labelled slices, so the evaluation is cheap
-N_CASES = 6
 LOSS_TERMS = ("query_nll", "query_boundary", "align_nll", "align_boundary", "total")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _run_script(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -46,38 +51,37 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Loss terms per step from a Sacred metrics.json."""
+def _metrics(run_dir: Path, names: tuple[str, ...] = LOSS_TERMS) -> dict[int, dict[str, float]]:
+    """Series ``names`` (default the loss terms) per step from a Sacred metrics.json."""
     raw = json.loads((run_dir / "metrics.json").read_text())
     per_step: dict[int, dict[str, float]] = {}
-    for name in LOSS_TERMS:
+    for name in names:
         for step, value in zip(raw[name]["steps"], raw[name]["values"], strict=True):
             per_step.setdefault(step, {})[name] = value
     return per_step
 
 
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    picture = cv2.imread(str(path))
+    assert picture is not None and picture.shape[0] > 100 and picture.shape[1] > 100
+
+
 @pytest.fixture(scope="module")
 def mini_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    info = get_dataset_info("CHAOST2")
-    cases = list_cases("CHAOST2", data_root, supervoxels=True)[:N_CASES]
-    root = tmp_path_factory.mktemp("mini_data")
-    image_dir = root / "CHAOST2" / info.image_folder
-    sv_dir = root / "CHAOST2" / info.supervoxel_folder()
-    image_dir.mkdir(parents=True)
-    sv_dir.mkdir(parents=True)
-    for case in cases:
-        for source, folder in ((case.image, image_dir), (case.label, image_dir), (case.supervoxel, sv_dir)):
-            (folder / source.name).symlink_to(source)
-    return root
+    return make_mini_root(data_root, tmp_path_factory.mktemp("mini_data"))
+
+
+def _common(mini_root: Path, log_dir: Path) -> tuple[str, ...]:
+    return (f"data_root={mini_root}", "eval_fold=1", "region_sampling=random", f"path.log_dir={log_dir}")
 
 
 @pytest.fixture(scope="module")
 def reference_run(mini_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run folder of an uninterrupted 4-step debug training on fold 1, then its evaluation on RK."""
     log_dir = tmp_path_factory.mktemp("runs_reference")
-    common = (f"data_root={mini_root}", "eval_fold=1", f"path.log_dir={log_dir}")
-    _run_script("train.py", *common)
-    _run_script("test.py", *common, f"test_label=[{TEST_CLASS}]")
+    _run_script("train.py", *_common(mini_root, log_dir))
+    _run_script("test.py", *_common(mini_root, log_dir), f"test_label=[{TEST_CLASS}]")
     return log_dir / "CHAOST2_setting1" / "fold1"
 
 
@@ -89,6 +93,11 @@ def test_training_writes_snapshots_and_metrics(reference_run: Path):
     metrics = _metrics(run)
     assert sorted(metrics) == [1, 2, 3, 4]
     assert all(np.isfinite(list(terms.values())).all() for terms in metrics.values())
+    # The learning rate each logged step used (debug: MultiStepLR milestone at step 2, gamma 0.95).
+    rates = _metrics(run, ("lr",))
+    assert [rates[step]["lr"] for step in (1, 2, 3, 4)] == pytest.approx([1e-3, 1e-3, 9.5e-4, 9.5e-4])
+    assert not any(name.startswith("val_dice") for name in json.loads((run / "metrics.json").read_text()))
+    _assert_png(run / "progress.png")  # drawn at every snapshot, validation or not
 
 
 def test_evaluation_outputs(reference_run: Path, mini_root: Path):
@@ -105,6 +114,11 @@ def test_evaluation_outputs(reference_run: Path, mini_root: Path):
     assert entry["mean_dice"] == pytest.approx(entry["dice"][str(query_case.case_id)])
     assert results["mean_dice"] == pytest.approx(entry["mean_dice"])
     assert results["config"]["eval_fold"] == 1 and results["config"]["test_label"] == [TEST_CLASS]
+    recorded = {
+        key: results["checkpoint_config"][key] for key in ("dataset", "eval_fold", "setting", "image_size")
+    }
+    assert recorded == {"dataset": "CHAOST2", "eval_fold": 1, "setting": 1, "image_size": 64}
+    assert results["cross_evaluation"] == {} and "checkpoint_config_note" not in results
 
     # Dice recomputed from the saved NIfTI against the label file.
     pred_image = sitk.ReadImage(
@@ -138,7 +152,7 @@ def test_evaluation_outputs(reference_run: Path, mini_root: Path):
 
 
 def test_interrupted_run_resumes_on_the_same_trajectory(reference_run: Path, mini_root: Path, tmp_path: Path):
-    common = (f"data_root={mini_root}", "eval_fold=1", f"path.log_dir={tmp_path}")
+    common = _common(mini_root, tmp_path)
     fold_dir = tmp_path / "CHAOST2_setting1" / "fold1"
     command = [sys.executable, str(REPO / "train.py"), "with", "debug", *common]
     process = subprocess.Popen(
@@ -151,10 +165,14 @@ def test_interrupted_run_resumes_on_the_same_trajectory(reference_run: Path, min
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode != 0, "the run should stop on SIGINT"
+    assert process.returncode == -signal.SIGINT, "the run should stop as an interrupted process"
     stopped_at = max(int(p.stem) for p in (fold_dir / "snapshots").glob("*.pth"))
     assert stopped_at < 4, f"the run finished before the interruption took effect:\n{stderr.decode()[-2000:]}"
     assert json.loads((fold_dir / "train" / "1" / "run.json").read_text())["status"] == "INTERRUPTED"
+    # One line, not a traceback.
+    lines = stderr.decode().splitlines()
+    assert lines[-1] == f"stopped at step {stopped_at}; continue with resume=True", lines[-5:]
+    assert "Traceback" not in stderr.decode()
 
     _run_script("train.py", *common, "resume=True")
     resumed = {**_metrics(fold_dir / "train" / "1"), **_metrics(fold_dir / "train" / "2")}
@@ -167,6 +185,66 @@ def test_interrupted_run_resumes_on_the_same_trajectory(reference_run: Path, min
                 step,
                 name,
             )
+
+
+def test_validation_leaves_the_trajectory_unchanged(reference_run: Path, mini_root: Path, tmp_path: Path):
+    """The reference run again, validating RK on the query volume every 2 steps: the same losses, exactly.
+
+    With one DataLoader worker (episodes do not depend on the number of workers), forked after the
+    validation volumes were read and resized in the main process: OpenCV's thread pool must not be alive
+    then (train.episode_loader), or the worker can hang in worker_init_fn.
+    """
+    done = _run_script(
+        "train.py",
+        *_common(mini_root, tmp_path),
+        "validate_every=2",
+        "validate_labels=[2]",
+        "validate_cases=1",
+        "num_workers=1",
+    )
+    run = tmp_path / "CHAOST2_setting1" / "fold1" / "train" / "1"
+    assert _metrics(run) == _metrics(reference_run / "train" / "1")
+    validation = _metrics(run, ("val_dice_RK", "val_dice_mean"))
+    assert sorted(validation) == [2, 4]
+    for values in validation.values():
+        assert 0.0 <= values["val_dice_RK"] <= 1.0 and values["val_dice_mean"] == values["val_dice_RK"]
+    assert "step 2 validation (1 query volume(s)" in done.stderr and "RK " in done.stderr
+    _assert_png(run / "progress.png")
+
+
+def _run_test_in_process(**updates) -> Path:
+    """test.py's ``test`` command in this process, one thread (as the scripts run); returns its run folder."""
+    with one_thread():
+        run = load_test_script().ex.run("test", named_configs=["debug"], config_updates=updates)
+    return next(Path(obs.dir) for obs in run.observers if getattr(obs, "dir", None))
+
+
+def test_checkpoint_config_in_results(reference_run: Path, mini_root: Path, tmp_path: Path):
+    """A deliberate cross-evaluation (another image_size) says so; a plain state_dict (the official
+    layout) records no config and scores as the snapshot does."""
+    snapshot = reference_run / "snapshots" / "4.pth"
+    common = {
+        "data_root": str(mini_root),
+        "eval_fold": 1,
+        "path": {"log_dir": str(tmp_path)},
+        "test_label": [TEST_CLASS],
+    }
+    crossed = _run_test_in_process(
+        **common, reload_model_path=str(snapshot), image_size=32, allow_cross_eval=True
+    )
+    results = json.loads((crossed / "results.json").read_text())
+    assert results["cross_evaluation"] == {"image_size": {"checkpoint": 64, "evaluation": 32}}
+    assert results["checkpoint_config"]["image_size"] == 64
+
+    plain = tmp_path / "official_layout.pth"
+    torch.save(read_snapshot(snapshot)["model"], plain)
+    official = json.loads(
+        (_run_test_in_process(**common, reload_model_path=str(plain)) / "results.json").read_text()
+    )
+    assert official["checkpoint_config"] is None and "records no config" in official["checkpoint_config_note"]
+    assert official["cross_evaluation"] == {}
+    reference = json.loads((reference_run / "test" / "1" / "results.json").read_text())
+    assert official["classes"]["RK"]["dice"] == reference["classes"]["RK"]["dice"]
 
 
 def test_batched_chunk_prediction_equals_one_slice_at_a_time():

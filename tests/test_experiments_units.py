@@ -172,44 +172,84 @@ def _fake_results(path, fold, liver, rk, config_setting=1):
     return path
 
 
+def _sacred_run(folder: Path, status: str, start: str, fold: int) -> Path:
+    """A Sacred run folder as FileStorageObserver leaves it: run.json (status, start time), config.json."""
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"status": status, "start_time": start}))
+    (folder / "config.json").write_text(json.dumps({"eval_fold": fold}))
+    return folder
+
+
+def _summarize(*args: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "script" / "summarize.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+
+
 class TestSummarize:
     def test_two_folds_give_the_expected_table(self, tmp_path):
         root = tmp_path / "CHAOST2_setting1"
         _fake_results(root / "fold0" / "test" / "1" / "results.json", 0, 0.80, 0.60)
         _fake_results(root / "fold1" / "test" / "1" / "results.json", 1, 0.70, 0.90)
-        done = subprocess.run(
-            [sys.executable, str(REPO / "script" / "summarize.py"), str(root)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        done = _summarize(root)
+        assert done.returncode == 0, done.stderr
         expected_md = (
             "**CHAOST2, setting 1** (Dice %, mean ± std over 2 fold(s))\n\n"
-            "| fold | LIVER | RK | mean |\n"
-            "|---|---:|---:|---:|\n"
-            "| 0 | 80.00 | 60.00 | 70.00 |\n"
-            "| 1 | 70.00 | 90.00 | 80.00 |\n"
-            "| **mean ± std** | 75.00 ± 5.00 | 75.00 ± 15.00 | 75.00 ± 5.00 |\n"
+            "| fold | LIVER | RK | mean | evaluation |\n"
+            "|---|---:|---:|---:|---|\n"
+            "| 0 | 80.00 | 60.00 | 70.00 | fold0/test/1 |\n"
+            "| 1 | 70.00 | 90.00 | 80.00 | fold1/test/1 |\n"
+            "| **mean ± std** | 75.00 ± 5.00 | 75.00 ± 15.00 | 75.00 ± 5.00 |  |\n"
         )
         assert done.stdout == expected_md
         assert (root / "summary.md").read_text() == expected_md
         expected_csv = (
-            "fold,LIVER,RK,mean\n"
-            "0,80.000000,60.000000,70.000000\n"
-            "1,70.000000,90.000000,80.000000\n"
-            "mean,75.000000,75.000000,75.000000\n"
-            "std,5.000000,15.000000,5.000000\n"
+            "fold,LIVER,RK,mean,evaluation,warning\n"
+            "0,80.000000,60.000000,70.000000,fold0/test/1,\n"
+            "1,70.000000,90.000000,80.000000,fold1/test/1,\n"
+            "mean,75.000000,75.000000,75.000000,,\n"
+            "std,5.000000,15.000000,5.000000,,\n"
         )
         assert (root / "summary.csv").read_text() == expected_csv
+
+    def test_final_validation_beside_the_test_dice(self, tmp_path):
+        root = tmp_path / "CHAOST2_setting1"
+        for fold, liver in ((0, 0.8), (1, 0.7)):
+            test_run = _sacred_run(
+                root / f"fold{fold}" / "test" / "1", "COMPLETED", "2026-01-01T10:00:00", fold
+            )
+            _fake_results(test_run / "results.json", fold, liver, 0.5)
+        # Fold 0 trained in two runs (interrupted, resumed): the last validation is the resumed run's.
+        for run_id, steps, liver in (("1", [2000, 4000], [0.1, 0.3]), ("2", [6000], [0.42])):
+            train = _sacred_run(root / "fold0" / "train" / run_id, "COMPLETED", "2026-01-01T09:00:00", 0)
+            metrics = {
+                "total": {"steps": steps, "values": [1.0] * len(steps)},
+                "val_dice_LIVER": {"steps": steps, "values": liver},
+                "val_dice_SPLEEN": {"steps": steps, "values": [0.01] * len(steps)},
+                "val_dice_mean": {"steps": steps, "values": [(v + 0.01) / 2 for v in liver]},
+            }
+            (train / "metrics.json").write_text(json.dumps(metrics))
+        done = _summarize(root)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert (
+            lines[2]
+            == "| fold | LIVER | RK | mean | val LIVER | val SPLEEN | val mean | val step | evaluation |"
+        )
+        assert lines[4] == "| 0 | 80.00 | 50.00 | 65.00 | 42.00 | 1.00 | 21.50 | 6000 | fold0/test/1 |"
+        assert lines[5] == "| 1 | 70.00 | 50.00 | 60.00 | – | – | – | – | fold1/test/1 |"
+        assert "monitoring only" in done.stdout
+        csv_rows = (root / "summary.csv").read_text().splitlines()
+        assert (
+            csv_rows[1] == "0,80.000000,50.000000,65.000000,42.000000,1.000000,21.500000,6000,fold0/test/1,"
+        )
 
     def test_duplicate_explicit_fold_is_an_error(self, tmp_path):
         a = _fake_results(tmp_path / "a" / "results.json", 0, 0.8, 0.6)
         b = _fake_results(tmp_path / "b" / "results.json", 0, 0.7, 0.9)
-        done = subprocess.run(
-            [sys.executable, str(REPO / "script" / "summarize.py"), str(a), str(b)],
-            capture_output=True,
-            text=True,
-        )
+        done = _summarize(a, b)
         assert done.returncode != 0 and "several results.json" in done.stderr
 
 
@@ -250,14 +290,20 @@ class TestConfig:
             self._config(**updates)
 
     def test_every_key_is_read(self):
-        """Each top-level key is a parameter of train.train or test.test, or read as ``cfg["key"]``."""
+        """Each top-level key is read as ``cfg["key"]`` (or is a function parameter) in train.py, test.py or
+        config.py (run folders, file checks, print_run_root), the value check not counted."""
         from config import base_config_keys
 
-        read = {"mode", "path", "exp_str", "eval_fold"}  # config hook, run_folder, print_run_root
-        for script, function in (("train.py", "train"), ("test.py", "test")):
-            tree = ast.parse((REPO / script).read_text())
-            node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
-            read |= {arg.arg for arg in node.args.args}
+        read = {"n_way"}  # the official key whose only use is the check that it is 1 (DIFD is 1-way)
+        for script in ("train.py", "test.py", "config.py"):
+            source = (REPO / script).read_text()
+            if script == "config.py":  # check_values reads every key: only what is outside it counts
+                start = source.index("def check_values(")
+                source = source[:start] + source[source.index("\ndef ", start + 1) :]
+            tree = ast.parse(source)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.FunctionDef):
+                    read |= {arg.arg for arg in node.args.args}
             read |= {
                 n.slice.value
                 for n in ast.walk(tree)
@@ -267,6 +313,7 @@ class TestConfig:
             }
         top_level = {key.split(".")[0] for key in base_config_keys()}
         assert top_level - read == set()
+        assert {"validate_every", "validate_cases", "validate_labels", "allow_cross_eval"} <= top_level
 
     def test_failures_before_training(self, tmp_path):
         import train  # registers the 'train' command on the shared experiment
@@ -294,4 +341,10 @@ class TestConfig:
             train.ex.run("train", named_configs=["debug"], config_updates={**common, "exclude_label": [1]})
         with pytest.raises(ValueError, match="mode='test'"):
             train.ex.run("train", named_configs=["debug"], config_updates={**common, "mode": "test"})
-        assert not list(tmp_path.rglob("*.pth"))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], "no run folder before the checks pass"
+
+    def test_defaults_of_the_validation_keys(self):
+        base, official, debug = self._config(), self._config(["official_script"]), self._config(["debug"])
+        assert (base["validate_every"], base["validate_cases"], base["validate_labels"]) == (0, 2, None)
+        assert official["validate_every"] == 2000 and debug["validate_every"] == 0
+        assert base["allow_cross_eval"] is False

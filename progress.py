@@ -1,0 +1,155 @@
+"""``progress.png``, the picture of a training run, drawn from Sacred-style metrics.
+
+One function, :func:`draw_progress`, serves ``train.py`` (which redraws the picture from the metrics it
+logged so far at every validation and every snapshot) and ``script/plot_run.py`` (which redraws it from the
+``metrics.json`` of a finished or running run). Metrics have the layout of Sacred's ``metrics.json``:
+``{name: {"steps": [...], "values": [...], ...}}`` with the names ``train.py`` logs: ``lr``,
+``val_dice_<CLASS>`` and ``val_dice_mean`` (fractions), and the loss terms (every other series; ``total``
+is drawn thicker). No torch here, so that ``script/plot_run.py`` starts quickly.
+
+Three panels against the training step: the four loss terms and their total (raw, thin, and smoothed by a
+bias-corrected exponential moving average), the learning rate (log scale), and the validation Dice per
+class and their mean (in %). matplotlib's Agg canvas is used directly (no pyplot, no display, no global
+state); the file is written to a temporary name and moved into place (``os.replace``), so a reader never
+sees a half-written picture. matplotlib is imported only when drawing: a GPU host without it still trains
+(train.py warns that it draws no picture, :func:`missing_matplotlib`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+Metrics = dict[str, dict[str, list]]
+VAL_PREFIX = "val_dice_"
+
+
+def missing_matplotlib() -> str | None:
+    """None when matplotlib can be imported, else why not."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        return f"matplotlib is not installed ({err})"
+    return None
+
+
+def read_metrics(run_dir: str | os.PathLike) -> Metrics:
+    """The series of ``<run_dir>/metrics.json``, checked; errors name the file (and the series)."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no metrics.json in {Path(run_dir)}: expected a Sacred training run folder "
+            "(<log_dir>/<exp_str>/fold<k>/train/<id>/) that has logged at least one step"
+        )
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); if the run is writing it, try again") from err
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: expected an object of series, found a {type(metrics).__name__}")
+    for name, series in metrics.items():
+        ok = (
+            isinstance(series, dict)
+            and isinstance(series.get("steps"), list)
+            and isinstance(series.get("values"), list)
+            and len(series["steps"]) == len(series["values"])
+        )
+        if not ok:
+            raise ValueError(f"{path}: series {name!r} needs 'steps' and 'values' lists of the same length")
+    return metrics
+
+
+def merge_metrics(runs: Sequence[Metrics]) -> Metrics:
+    """Series of several runs (e.g. a run and its resumption) in order; a later run's value wins a step."""
+    merged: dict[str, dict[int, float]] = {}
+    for metrics in runs:
+        for name, series in metrics.items():
+            merged.setdefault(name, {}).update(zip(series["steps"], series["values"], strict=True))
+    return {
+        name: {"steps": sorted(points), "values": [points[step] for step in sorted(points)]}
+        for name, points in merged.items()
+    }
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard's smoothing); ``weight`` in [0, 1)."""
+    out, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**count))
+    return out
+
+
+def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") -> Path:
+    """Draw the three panels (see the module docstring) of ``metrics`` into the PNG ``path``, atomically.
+
+    A metrics dict without any loss term is a ``ValueError`` (nothing to draw).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    terms = sorted(
+        (
+            name
+            for name in metrics
+            if name != "lr" and not name.startswith(VAL_PREFIX) and metrics[name]["steps"]
+        ),
+        key=lambda name: (name == "total", name),
+    )
+    if not terms:
+        raise ValueError(f"no loss terms to draw: the metrics hold only {sorted(metrics)}")
+    figure = Figure(figsize=(9, 10), layout="constrained")
+    FigureCanvasAgg(figure)
+    losses, rate, dice = figure.subplots(3, 1, sharex=True)
+    colours = {name: f"C{i}" for i, name in enumerate(terms)}
+    for name in terms:
+        steps, values = metrics[name]["steps"], metrics[name]["values"]
+        width = 2.0 if name == "total" else 1.2
+        losses.plot(steps, values, color=colours[name], alpha=0.25, linewidth=0.8)
+        losses.plot(steps, smooth(values), color=colours[name], linewidth=width, label=name)
+    losses.set_ylabel("loss (thin: raw)")
+    losses.legend(loc="upper right", fontsize="small")
+    losses.grid(alpha=0.3)
+
+    if metrics.get("lr", {}).get("steps"):
+        # The rate logged at a step is the one that step used: it holds since the previous logged step.
+        rate.plot(metrics["lr"]["steps"], metrics["lr"]["values"], color="k", drawstyle="steps-pre")
+        rate.set_yscale("log")
+    else:
+        rate.text(0.5, 0.5, "no learning rate logged", ha="center", va="center", transform=rate.transAxes)
+    rate.set_ylabel("learning rate")
+    rate.grid(alpha=0.3)
+
+    organs = sorted(name for name in metrics if name.startswith(VAL_PREFIX) and name != f"{VAL_PREFIX}mean")
+    for i, name in enumerate(organs):
+        series, organ = metrics[name], name[len(VAL_PREFIX) :]
+        percent = [100 * v for v in series["values"]]
+        dice.plot(series["steps"], percent, "o-", color=f"C{i}", markersize=3, label=organ)
+    if f"{VAL_PREFIX}mean" in metrics:
+        series = metrics[f"{VAL_PREFIX}mean"]
+        dice.plot(series["steps"], [100 * v for v in series["values"]], "s--", color="k", label="mean")
+    if organs:
+        dice.legend(loc="upper left", fontsize="small")
+        dice.set_ylim(-2, 102)
+    else:
+        dice.text(
+            0.5, 0.5, "no validation (validate_every=0)", ha="center", va="center", transform=dice.transAxes
+        )
+    dice.set_ylabel("validation Dice % (test volumes)")
+    dice.set_xlabel("training step")
+    dice.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        figure.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
