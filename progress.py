@@ -73,6 +73,27 @@ def merge_metrics(runs: Sequence[Metrics]) -> Metrics:
     }
 
 
+def validation_table(metrics: Metrics) -> str:
+    """Plain-text table of the validation curve: one row per validated step, Dice in % per class and the
+    mean, plus the smoothed total loss logged at or before that step. Empty string without validation."""
+    organs = sorted(name for name in metrics if name.startswith(VAL_PREFIX) and name != f"{VAL_PREFIX}mean")
+    if not organs:
+        return ""
+    columns = [*organs, f"{VAL_PREFIX}mean"] if f"{VAL_PREFIX}mean" in metrics else organs
+    points = {n: dict(zip(metrics[n]["steps"], metrics[n]["values"], strict=True)) for n in columns}
+    total = metrics.get("total", {"steps": [], "values": []})
+    smoothed = list(zip(total["steps"], smooth(total["values"]), strict=True))
+    header = ["step", *(name[len(VAL_PREFIX) :] for name in columns), "loss"]
+    lines = ["  ".join(f"{h:>8}" for h in header)]
+    for step in sorted(set().union(*points.values())):
+        cells = [f"{step:>8}"]
+        cells += [f"{100 * points[n][step]:8.1f}" if step in points[n] else f"{'-':>8}" for n in columns]
+        before = [value for at, value in smoothed if at <= step]
+        cells.append(f"{before[-1]:8.3f}" if before else f"{'-':>8}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
 def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
     """Bias-corrected exponential moving average (TensorBoard's smoothing); ``weight`` in [0, 1)."""
     out, average = [], 0.0

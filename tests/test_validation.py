@@ -23,7 +23,7 @@ import torch
 from checkpoint import capture_rng_state, restore_rng_state
 from dataloaders import TestDataset
 from evaluation import evaluate_class, validate
-from progress import merge_metrics, smooth
+from progress import merge_metrics, smooth, validation_table
 from tests.run_fixtures import make_mini_root, one_thread
 from tests.tiny_difd import tiny_difd
 
@@ -127,3 +127,17 @@ def test_merge_and_smooth():
     }
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected: no ramp from 0
     assert smooth([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 10.0 * 0.5 / 0.75])
+
+
+def test_validation_table():
+    metrics = {
+        "total": {"steps": [10, 20, 30], "values": [3.0, 2.0, 1.0]},
+        "val_dice_LIVER": {"steps": [20, 30], "values": [0.5, 0.625]},
+        "val_dice_SPLEEN": {"steps": [30], "values": [0.25]},
+        "val_dice_mean": {"steps": [20, 30], "values": [0.5, 0.4375]},
+    }
+    lines = validation_table(metrics).splitlines()
+    assert lines[0].split() == ["step", "LIVER", "SPLEEN", "mean", "loss"]
+    assert lines[1].split() == ["20", "50.0", "-", "50.0", f"{smooth([3.0, 2.0])[-1]:.3f}"]
+    assert lines[2].split() == ["30", "62.5", "25.0", "43.8", f"{smooth([3.0, 2.0, 1.0])[-1]:.3f}"]
+    assert validation_table({"total": metrics["total"]}) == ""
