@@ -106,7 +106,7 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
 def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") -> Path:
     """Draw the three panels (see the module docstring) of ``metrics`` into the PNG ``path``, atomically.
 
-    A metrics dict without any loss term is a ``ValueError`` (nothing to draw).
+    A metrics dict with neither a loss term nor a validation Dice is a ``ValueError`` (nothing to draw).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -119,8 +119,11 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
         ),
         key=lambda name: (name == "total", name),
     )
-    if not terms:
-        raise ValueError(f"no loss terms to draw: the metrics hold only {sorted(metrics)}")
+    organs = sorted(name for name in metrics if name.startswith(VAL_PREFIX) and name != f"{VAL_PREFIX}mean")
+    if not terms and not organs:
+        raise ValueError(
+            f"no loss terms and no validation Dice to draw: the metrics hold only {sorted(metrics)}"
+        )
     figure = Figure(figsize=(9, 10), layout="constrained")
     FigureCanvasAgg(figure)
     losses, rate, dice = figure.subplots(3, 1, sharex=True)
@@ -131,7 +134,10 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
         losses.plot(steps, values, color=colours[name], alpha=0.25, linewidth=0.8)
         losses.plot(steps, smooth(values), color=colours[name], linewidth=width, label=name)
     losses.set_ylabel("loss (thin: raw)")
-    losses.legend(loc="upper right", fontsize="small")
+    if terms:
+        losses.legend(loc="upper right", fontsize="small")
+    else:  # a validation ran before the first logging step (print_interval)
+        losses.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=losses.transAxes)
     losses.grid(alpha=0.3)
 
     if metrics.get("lr", {}).get("steps"):
@@ -143,7 +149,6 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
     rate.set_ylabel("learning rate")
     rate.grid(alpha=0.3)
 
-    organs = sorted(name for name in metrics if name.startswith(VAL_PREFIX) and name != f"{VAL_PREFIX}mean")
     for i, name in enumerate(organs):
         series, organ = metrics[name], name[len(VAL_PREFIX) :]
         percent = [100 * v for v in series["values"]]

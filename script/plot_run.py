@@ -6,6 +6,7 @@ Examples::
     python script/plot_run.py runs/CHAOST2_setting1/fold0/train/1 runs/CHAOST2_setting1/fold0/train/2
     python script/plot_run.py runs/CHAOST2_setting1/fold0/train/1 --out /tmp/fold0.png
     python script/plot_run.py runs/CHAOST2_setting1/fold0/train/1 --table     # and print the validation curve
+    python script/plot_run.py RUN --require LIVER=60     # exit status 1 unless LIVER's last Dice >= 60 %
 
 The picture (:func:`progress.draw_progress`, the function ``train.py`` uses during training): the four loss
 terms and their total (raw and smoothed), the learning rate and the validation Dice per class and their
@@ -22,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from progress import draw_progress, merge_metrics, read_metrics, validation_table  # noqa: E402 (after the path set-up)
+from progress import VAL_PREFIX, draw_progress, merge_metrics, read_metrics, validation_table  # noqa: E402 (after the path set-up)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="PNG to write (default: <last run folder>/progress.png)")
     parser.add_argument(
         "--table", action="store_true", help="also print the validation curve (Dice %% per class and step)"
+    )
+    parser.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="CLASS=PERCENT",
+        help="exit with status 1 unless the last validation Dice of CLASS reaches PERCENT (repeatable)",
     )
     args = parser.parse_args(argv)
     try:
@@ -42,7 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(validation_table(metrics) or "no validation in these runs (validate_every=0)")
     print(path)
-    return 0
+    failed = False
+    for requirement in args.require:
+        name, _, percent = requirement.partition("=")
+        series = metrics.get(f"{VAL_PREFIX}{name}")
+        try:
+            goal = float(percent)
+        except ValueError:
+            parser.error(f"--require {requirement!r}: expected CLASS=PERCENT, e.g. LIVER=60")
+        if not series or not series["values"]:
+            parser.error(f"--require {requirement!r}: no validation Dice of {name!r} in these runs")
+        last = 100 * series["values"][-1]
+        verdict = "reached" if last >= goal else "FAILED: below"
+        step = series["steps"][-1]
+        print(f"{name}: last validation Dice {last:.1f} % at step {step}; {verdict} {goal:g} %")
+        failed |= last < goal
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

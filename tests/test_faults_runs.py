@@ -339,7 +339,7 @@ def test_summary_refuses_folds_without_a_completed_evaluation(tmp_path: Path):
         (None, "no metrics.json in {run}"),
         ('{"total": {"steps": [1, 2], "valu', "{run}/metrics.json is not valid JSON"),
         ('{"total": {"steps": [1, 2], "values": [1.0]}}', "{run}/metrics.json: series 'total' needs"),
-        ('{"lr": {"steps": [1], "values": [0.1]}}', "no loss terms to draw"),
+        ('{"lr": {"steps": [1], "values": [0.1]}}', "no loss terms and no validation Dice to draw"),
     ],
     ids=["missing", "truncated", "ragged", "no_losses"],
 )

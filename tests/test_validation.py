@@ -141,3 +141,27 @@ def test_validation_table():
     assert lines[1].split() == ["20", "50.0", "-", "50.0", f"{smooth([3.0, 2.0])[-1]:.3f}"]
     assert lines[2].split() == ["30", "62.5", "25.0", "43.8", f"{smooth([3.0, 2.0, 1.0])[-1]:.3f}"]
     assert validation_table({"total": metrics["total"]}) == ""
+
+
+def test_plot_run_require_checks_the_last_validation_dice(tmp_path: Path):
+    run = tmp_path / "train" / "1"
+    run.mkdir(parents=True)
+    metrics = {
+        "total": {"steps": [10, 20], "values": [2.0, 1.0]},
+        "val_dice_LIVER": {"steps": [10, 20], "values": [0.7, 0.62]},  # the last value decides, not the best
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+    def plot_run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(REPO / "script" / "plot_run.py"), str(run), *args]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    done = plot_run("--require", "LIVER=60")
+    assert done.returncode == 0, done.stderr
+    assert "LIVER: last validation Dice 62.0 % at step 20; reached 60 %" in done.stdout
+    done = plot_run("--require", "LIVER=65")
+    assert done.returncode == 1 and "FAILED: below 65 %" in done.stdout
+    done = plot_run("--require", "SPLEEN=1")
+    assert done.returncode == 2 and "no validation Dice of 'SPLEEN'" in done.stderr
+    done = plot_run("--require", "LIVER")
+    assert done.returncode == 2 and "expected CLASS=PERCENT" in done.stderr
