@@ -65,6 +65,18 @@ class EncodedSupport:
     proto_fg: Tensor
     proto_bg: Tensor
 
+    def episode(self, index: int) -> EncodedSupport:
+        """Episode ``index`` alone (``B = 1``), e.g. one of several support slices encoded together."""
+        one = slice(index, index + 1)
+        per_episode = self.sets.fg.shape[0] // self.feats.shape[0]  # DI sources of one episode
+        src = slice(index * per_episode, (index + 1) * per_episode)
+        sets = PrototypeSets(
+            self.sets.fg[src], self.sets.fg_valid[src], self.sets.bg[src], self.sets.bg_valid[src]
+        )
+        return EncodedSupport(
+            self.feats[one], self.masks[one], self.t[one], sets, self.proto_fg[one], self.proto_bg[one]
+        )
+
 
 def _check_support(supp_imgs: Tensor, supp_masks: Tensor) -> None:
     """Raise ``ValueError`` for wrong ranks or sizes of the support, or non-binary masks."""
