@@ -126,8 +126,12 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
             f"{sorted(DECODER_CHANNELS)} (2C+1 or 2C+3 with C = {FEATURE_CHANNELS})"
         )
     extra_maps = DECODER_CHANNELS[channels]
-    # The weights were read above; the config is read again without loading the tensors (memory map).
-    payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    # The weights were read above; the config is read again without loading the tensors (memory map),
+    # which needs the zip format torch.save writes since torch 1.6 (older files are read whole).
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
     config, step = None, None
     if isinstance(payload, dict) and payload.get("format") == SNAPSHOT_FORMAT:
         config, step = dict(payload.get("config") or {}), int(payload["step"])

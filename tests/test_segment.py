@@ -446,6 +446,13 @@ def test_checkpoint_errors(tmp_path, chaos, command_files, resnet_state):
         ValueError, match=r"official.pth: the checkpoint records no dataset .*choose a preset"
     ):
         segment.main(_argv(files, chaos, tmp_path / "out"))
+    contradicting = tmp_path / "contradicting.pth"
+    config = {"dataset": "CHAOST2", "decoder_extra_maps": True}
+    torch.save({"format": SNAPSHOT_FORMAT, "step": 1, "model": resnet_state, "config": config}, contradicting)
+    with pytest.raises(
+        ValueError, match=r"says decoder_extra_maps=True, but its decoders take 1025 channels"
+    ):
+        segment.main(_argv({**command_files, "checkpoint": contradicting}, chaos, tmp_path / "out"))
     other = tmp_path / "unet.pth"
     torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 2, 1)).state_dict(), other)
     with pytest.raises(ValueError, match=r"unet.pth: not a DIFD checkpoint .*lacks \['encoder.backbone"):
