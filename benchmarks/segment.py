@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python -m benchmarks.segment speed [--checkpoint CKPT] [--repeats 2] [--threads 2]
     python -m benchmarks.segment placement --checkpoint CKPT [--fold 0] [--supp-idx 0] [--labels 1 2 3 4]
     python -m benchmarks.segment roundtrip --checkpoint CKPT [--cases 2 3]
+    python -m benchmarks.segment extents --checkpoint CKPT [--cases 10 13 15 19 20 21 22 31]
 
 ``speed``: seconds per query volume of 256 x 256 x 36 (CHAOST2 case 3; support case 1, liver) at the native
 256 px, on the chosen device, for ``test.py``'s per-volume path (``evaluation.predict_query_volume``: each
@@ -25,6 +26,13 @@ slices are the same. Columns: ``test.py`` (the protocol path itself: ``TestDatas
 protocol's placement through the inference pipeline, whole volume); ``GT-free`` (whole volume, so false
 positives outside the organ's slices count); ``GT-free lab.`` (the same prediction on the labelled slices
 only, which isolates the placement from the extent estimate).
+
+``extents``: how well two GT-free extent rules find each class's slices in CHAOST2 volumes (default: 8
+*training* volumes of fold 0, where a rule may be chosen without looking at the test volumes), support case
+1: ``window`` (the default, :func:`inference.segmenter.estimate_extent`: the support organ's length in mm,
+placed where the first pass holds the most foreground probability) and ``run`` (the longest run of slices
+whose first-pass area reaches 10 % of the smallest support mask, one missing slice bridged). Printed: the
+mean intersection-over-union of each rule's ``[first, last]`` slices with the ground truth's.
 
 ``roundtrip``: each query volume against a copy of itself on another grid (``tests/segment_fixtures.py``:
 axes swapped and reversed, 1.1 mm in-plane, 20 mm cut from each side): Dice of the two label maps after
@@ -48,7 +56,8 @@ from dataloaders import TestDataset, get_dataset_info
 from dataloaders.io import list_cases, normalize_volume, read_case
 from dataloaders.test_dataset import chunk_bounds
 from evaluation import predict_query_volume
-from inference.segmenter import Segmenter
+from inference.presets import layout_map, to_model_frame
+from inference.segmenter import PRESENCE_FRACTION, Segmenter, estimate_extent
 from inference.volumes import Volume
 from metrics import dice_iou
 from models import build_difd
@@ -202,6 +211,67 @@ def placement(args: argparse.Namespace) -> None:
         print(f"| {name} | mean | | | {cells} |")
 
 
+def _run_extent(areas: np.ndarray, min_pixels: float) -> tuple[int, int] | None:
+    """The alternative rule: the longest run of slices with ``areas >= min_pixels`` (gaps of one bridged)."""
+    present = np.flatnonzero(areas >= min_pixels)
+    if present.size == 0:
+        return None
+    breaks = np.flatnonzero(np.diff(present) > 2)
+    starts = np.concatenate([[present[0]], present[breaks + 1]])
+    ends = np.concatenate([present[breaks], [present[-1]]]) + 1
+    best = int(np.argmax(ends - starts))
+    return int(starts[best]), int(ends[best])
+
+
+def _slice_iou(extent: tuple[int, int] | None, truth: np.ndarray) -> float:
+    """IoU of ``[start, end)`` with the ground truth's ``[first, last + 1)``; 0 for no extent."""
+    if extent is None:
+        return 0.0
+    first, last = int(truth[0]), int(truth[-1]) + 1
+    inter = max(0, min(extent[1], last) - max(extent[0], first))
+    return inter / (max(extent[1], last) - min(extent[0], first))
+
+
+def extents(args: argparse.Namespace) -> None:
+    root = resolve_data_root(args.data_root)
+    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    info = get_dataset_info("CHAOST2")
+    cases = {case.case_id: case for case in list_cases(info, root)}
+    support_case = read_case(cases[1], info)
+    labels = list(info.test_labels)
+    prepared = segmenter.prepare_support(
+        Volume(support_case.image, support_case.geometry),
+        Volume(support_case.label, support_case.geometry),
+        labels,
+    )
+    scores: dict[str, dict[int, list[float]]] = {"window": {}, "run": {}}
+    for case_id in args.cases:
+        case = read_case(cases[case_id], info)
+        volume = Volume(case.image, case.geometry)
+        frame = to_model_frame(
+            volume, segmenter.preset, segmenter.image_size, layout_map(volume, segmenter.preset)
+        )
+        feats, thresholds = segmenter.encode_slices(frame.slices)
+        for label in labels:
+            truth = np.flatnonzero((case.label == label).any(axis=(1, 2)))
+            organ = prepared.organs[label]
+            first_pass = segmenter.predict(organ.encoded.episode(segmenter.n_part // 2), feats, thresholds)
+            length = round(organ.length_mm / frame.geometry.spacing[2])
+            window = estimate_extent(first_pass.sum(axis=(1, 2)), length)
+            run = _run_extent((first_pass > 0.5).sum(axis=(1, 2)), PRESENCE_FRACTION * organ.min_area)
+            scores["window"].setdefault(label, []).append(_slice_iou(window, truth))
+            scores["run"].setdefault(label, []).append(_slice_iou(run, truth))
+    print(
+        f"checkpoint {args.checkpoint} (step {segmenter.checkpoint.step}); support CHAOST2 case 1; "
+        f"query cases {args.cases}; mean slice-extent IoU with the ground truth"
+    )
+    for rule, per_label in scores.items():
+        cells = ", ".join(
+            f"{info.class_name(label)} {statistics.mean(v):.2f}" for label, v in per_label.items()
+        )
+        print(f"{rule:<7} {cells}")
+
+
 def roundtrip(args: argparse.Namespace) -> None:
     root = resolve_data_root(args.data_root)
     segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size)
@@ -235,7 +305,12 @@ def roundtrip(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, function in (("speed", speed), ("placement", placement), ("roundtrip", roundtrip)):
+    for name, function in (
+        ("speed", speed),
+        ("placement", placement),
+        ("roundtrip", roundtrip),
+        ("extents", extents),
+    ):
         command = sub.add_parser(name)
         command.set_defaults(function=function)
         command.add_argument("--checkpoint", type=Path, default=None, required=name != "speed")
@@ -251,6 +326,9 @@ def main() -> None:
     sub.choices["placement"].add_argument("--labels", type=int, nargs="+", default=None)
     sub.choices["roundtrip"].add_argument("--cases", type=int, nargs="+", default=[2, 3])
     sub.choices["roundtrip"].add_argument("--labels", type=int, nargs="+", default=[1])
+    sub.choices["extents"].add_argument(
+        "--cases", type=int, nargs="+", default=[10, 13, 15, 19, 20, 21, 22, 31]
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

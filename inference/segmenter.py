@@ -12,9 +12,11 @@ Per organ (``labels``), as the evaluation protocol of spec section 5 but without
 * **placement**: the query's slices through the organ are split into ``n_part`` chunks
   (:func:`~dataloaders.test_dataset.chunk_bounds`), chunk ``k`` segmented with support slice ``k``. The
   organ's slice extent is a given ``query_range``, or estimated from the query itself
-  (:func:`estimate_extent`): a first pass segments every slice with the middle support slice, and the extent
-  is the longest run of slices where it finds the organ; the middle chunk keeps its first-pass result.
-  Slices outside the extent are background;
+  (:func:`estimate_extent`): a first pass segments every slice with the middle support slice; the extent is
+  the window as long (in millimetres) as the organ in the support that holds the most first-pass
+  foreground probability; the middle chunk keeps its first-pass result. When no slice reaches
+  :data:`PRESENCE_FRACTION` of the smallest support mask, the organ is absent. Slices outside the extent
+  are background;
 * **speed**: every query slice is encoded once (batches of ``batch_size`` slices) and its features serve
   both passes and every organ; bfloat16 autocast and channels-last on CUDA by default.
 
@@ -68,11 +70,9 @@ DIFD_KEYS = (
 )
 #: Decoder input channels → ``decoder_extra_maps`` (2C+1: the paper's, 2C+3: the official decoders').
 DECODER_CHANNELS = {2 * FEATURE_CHANNELS + 1: False, 2 * FEATURE_CHANNELS + 3: True}
-#: A slice holds the organ in the first pass when its predicted area reaches this fraction of the
+#: The organ is found in a query when the first pass predicts, on some slice, at least this fraction of the
 #: smallest support-mask area (at the model size).
-EXTENT_AREA_FRACTION = 0.1
-#: Slices without the organ bridged inside one run of the extent (a single missed slice mid-organ).
-EXTENT_GAP = 1
+PRESENCE_FRACTION = 0.1
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -144,32 +144,28 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(path, sha256_of(path), config, step, extra_maps)
 
 
-def estimate_extent(
-    fg_pixels: np.ndarray, min_pixels: float, gap: int = EXTENT_GAP
-) -> tuple[int, int] | None:
-    """The organ's slice extent ``[start, end)`` from a first pass: the longest run of slices whose
-    predicted area is at least ``min_pixels``, bridging runs of at most ``gap`` slices without it (the
-    earliest run on a tie). None when no slice reaches ``min_pixels``.
+def estimate_extent(scores: np.ndarray, length: int) -> tuple[int, int]:
+    """The organ's slice extent ``[start, end)``: the ``length`` consecutive slices with the largest total
+    first-pass score (the earliest window on a tie; the whole volume when it is shorter).
 
-    Shape: ``fg_pixels (Z,)`` predicted foreground pixels per slice.
+    Shape: ``scores (Z,)``, e.g. the first pass's foreground probability summed per slice.
     """
-    present = np.flatnonzero(np.asarray(fg_pixels) >= min_pixels)
-    if present.size == 0:
-        return None
-    breaks = np.flatnonzero(np.diff(present) > gap + 1)
-    starts = np.concatenate([[present[0]], present[breaks + 1]])
-    ends = np.concatenate([present[breaks], [present[-1]]]) + 1
-    best = int(np.argmax(ends - starts))
-    return int(starts[best]), int(ends[best])
+    scores = np.asarray(scores, dtype=np.float64)
+    length = max(1, min(int(length), len(scores)))
+    running = np.concatenate([[0.0], np.cumsum(scores)])
+    start = int(np.argmax(running[length:] - running[:-length]))
+    return start, start + length
 
 
 @dataclass
 class SupportOrgan:
-    """One organ of the support: its ``n_part`` slices (model frame and support file) and their encoding
-    (``encoded``: ``B = n_part`` episodes of one shot; episode ``k`` serves chunk ``k``)."""
+    """One organ of the support: its labelled slices (count, and extent in mm from the first to the last),
+    its ``n_part`` slices (model frame and support file), their smallest mask area at the model size and
+    their encoding (``encoded``: ``B = n_part`` episodes of one shot; episode ``k`` serves chunk ``k``)."""
 
     value: int
     n_labelled: int
+    length_mm: float
     slices: list[int]
     source_slices: list[int]
     min_area: float
@@ -416,6 +412,7 @@ class Segmenter:
             organs[value] = SupportOrgan(
                 value=value,
                 n_labelled=int(labelled.size),
+                length_mm=float(labelled[-1] - labelled[0] + 1) * frame.geometry.spacing[2],
                 slices=chosen.tolist(),
                 source_slices=[axis_map.source_slice(int(k), image.shape) for k in chosen],
                 min_area=float(areas.min()),
@@ -476,9 +473,9 @@ class Segmenter:
             first_pass = None
             if given is None:
                 first_pass = self.predict(organ.encoded.episode(mid), feats, thresholds)
-                extent = estimate_extent(
-                    (first_pass > 0.5).sum(axis=(1, 2)), EXTENT_AREA_FRACTION * organ.min_area
-                )
+                found = (first_pass > 0.5).sum(axis=(1, 2)).max() >= PRESENCE_FRACTION * organ.min_area
+                length = round(organ.length_mm / frame.geometry.spacing[2])
+                extent = estimate_extent(first_pass.sum(axis=(1, 2)), length) if found else None
             else:
                 extent = (0, last - first)  # positions among the encoded slices
             chunks = []

@@ -193,10 +193,11 @@ def test_sabs_preset_runs_the_command_steps_on_a_512_slice():
 
 # ---------------------------------------------------------------------------------------------- placement
 def test_estimate_extent():
-    assert estimate_extent(np.array([0, 5, 5, 0, 5, 0, 0, 9, 9, 0]), 5) == (1, 5)  # one-slice gap bridged
-    assert estimate_extent(np.array([5, 0, 0, 5, 5, 5, 0]), 5) == (3, 6)  # the longer run
-    assert estimate_extent(np.array([5, 0, 0, 5]), 5) == (0, 1)  # tie: the earlier run
-    assert estimate_extent(np.array([1, 2, 3]), 5) is None
+    scores = np.array([1.0, 0, 5, 5, 0, 9, 1, 0])
+    assert estimate_extent(scores, 3) == (3, 6)  # the window of 3 with the largest sum (14)
+    assert estimate_extent(scores, 1) == (5, 6)
+    assert estimate_extent(np.array([2.0, 0, 0, 2]), 1) == (0, 1)  # tie: the earlier window
+    assert estimate_extent(scores, 20) == (0, 8)  # longer than the scan: all of it
 
 
 def test_combine_labels_highest_probability_wins():
