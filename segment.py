@@ -31,7 +31,7 @@ from pathlib import Path
 from inference.outputs import write_json, write_label_map, write_overlays
 from inference.presets import PRESETS
 from inference.segmenter import DEFAULT_BATCH_SIZE, Segmenter, check_labels, check_support
-from inference.volumes import Volume, read_scan, scan_name
+from inference.volumes import AxisMap, Volume, read_scan, scan_name
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -136,8 +136,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     support_image = read_scan(args.support_image, series)
     support_label = read_scan(args.support_label, series, constant_ok=True)
     check_support(support_image, support_label, labels, (str(args.support_image), str(args.support_label)))
+    directions = {}
     for query, query_range in zip(args.query, ranges, strict=True):
-        depth = read_scan(query, series).shape[0]
+        scan = read_scan(query, series)
+        directions[query] = scan.geometry.direction
+        depth = scan.shape[0]
         if query_range is not None and query_range[1] > depth:
             raise ValueError(
                 f"{query}: query range {query_range[0]}:{query_range[1]} is outside its {depth} slices"
@@ -153,6 +156,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
         n_part=args.n_part,
     )
     load_seconds = time.perf_counter() - clock
+    for query, query_range in zip(args.query, ranges, strict=True):
+        layout = AxisMap.closest(directions[query], segmenter.preset.direction)
+        if query_range is not None and not args.keep_orientation and not layout.keeps_slice_axis:
+            raise ValueError(
+                f"{query}: its slice axis is not the model's ({segmenter.preset.name} layout), so "
+                "--query-range does not select model slices; omit it for this query"
+            )
     support = segmenter.prepare_support(
         support_image,
         support_label,
