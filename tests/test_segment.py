@@ -454,6 +454,12 @@ def test_checkpoint_errors(tmp_path, chaos, command_files, resnet_state):
         ValueError, match=r"says decoder_extra_maps=True, but its decoders take 1025 channels"
     ):
         segment.main(_argv({**command_files, "checkpoint": contradicting}, chaos, tmp_path / "out"))
+    sagittal = tmp_path / "sagittal.nii.gz"  # the query stored with its slices along the columns
+    sitk.WriteImage(AxisMap((2, 1, 0)).apply(read_scan(command_files["query2"])).to_sitk(), str(sagittal))
+    argv = _argv(command_files, chaos, tmp_path / "out", "--query-range", "0:4")
+    argv[argv.index(str(command_files["query2"]))] = str(sagittal)
+    with pytest.raises(ValueError, match=r"sagittal.nii.gz: its slice axis is not the model's"):
+        segment.main(argv)
     other = tmp_path / "unet.pth"
     torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 2, 1)).state_dict(), other)
     with pytest.raises(ValueError, match=r"unet.pth: not a DIFD checkpoint .*lacks \['encoder.backbone"):
