@@ -223,6 +223,20 @@ def _run_extent(areas: np.ndarray, min_pixels: float) -> tuple[int, int] | None:
     return int(starts[best]), int(ends[best])
 
 
+def _aligned_extent(soft: np.ndarray, length: int) -> tuple[int, int]:
+    """The window of ``length`` slices whose 3 chunks hold the most probability from their own support slice:
+    ``soft (3, Z)`` per-slice probability sums of the passes with support slices 0, 1, 2."""
+    depth = soft.shape[1]
+    length = max(1, min(length, depth))
+    running = np.concatenate([np.zeros((3, 1)), np.cumsum(soft, axis=1)], axis=1)
+    totals = [
+        sum(running[k, a + e] - running[k, a + b] for k, (b, e) in enumerate(chunk_bounds(length, 3)))
+        for a in range(depth - length + 1)
+    ]
+    start = int(np.argmax(totals))
+    return start, start + length
+
+
 def _slice_iou(extent: tuple[int, int] | None, truth: np.ndarray) -> float:
     """IoU of ``[start, end)`` with the ground truth's ``[first, last + 1)``; 0 for no extent."""
     if extent is None:
@@ -244,7 +258,7 @@ def extents(args: argparse.Namespace) -> None:
         Volume(support_case.label, support_case.geometry),
         labels,
     )
-    scores: dict[str, dict[int, list[float]]] = {"window": {}, "run": {}}
+    scores: dict[str, dict[int, list[float]]] = {"window": {}, "run": {}, "aligned": {}}
     for case_id in args.cases:
         case = read_case(cases[case_id], info)
         volume = Volume(case.image, case.geometry)
@@ -255,12 +269,15 @@ def extents(args: argparse.Namespace) -> None:
         for label in labels:
             truth = np.flatnonzero((case.label == label).any(axis=(1, 2)))
             organ = prepared.organs[label]
-            first_pass = segmenter.predict(organ.encoded.episode(segmenter.n_part // 2), feats, thresholds)
+            passes = [segmenter.predict(organ.encoded.episode(k), feats, thresholds) for k in range(3)]
+            first_pass = passes[segmenter.n_part // 2]
             length = round(organ.length_mm / frame.geometry.spacing[2])
             window = estimate_extent(first_pass.sum(axis=(1, 2)), length)
             run = _run_extent((first_pass > 0.5).sum(axis=(1, 2)), PRESENCE_FRACTION * organ.min_area)
-            scores["window"].setdefault(label, []).append(_slice_iou(window, truth))
-            scores["run"].setdefault(label, []).append(_slice_iou(run, truth))
+            soft = np.stack([p.sum(axis=(1, 2)) for p in passes])  # (3, Z)
+            aligned = _aligned_extent(soft, length)
+            for rule, extent in (("window", window), ("run", run), ("aligned", aligned)):
+                scores[rule].setdefault(label, []).append(_slice_iou(extent, truth))
     print(
         f"checkpoint {args.checkpoint} (step {segmenter.checkpoint.step}); support CHAOST2 case 1; "
         f"query cases {args.cases}; mean slice-extent IoU with the ground truth"
