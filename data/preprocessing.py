@@ -12,7 +12,11 @@ Shared steps, in the order the commands apply them:
   rounded, later values overwriting earlier ones;
 * :func:`centre_crop_or_pad` - in-plane crop/pad to 256 x 256 around the array centre (image padded with its
   minimum, labels with 0); :func:`crop_or_pad_inplane` is the general form (SABS border cut);
+* :func:`mr_image_steps` / :func:`mr_label_steps` - the MR steps 3-5 above in one call (CHAOS and CMR);
 * :func:`write_case` - ``image_<id>.nii.gz`` / ``label_<id>.nii.gz`` in the loaders' folder.
+
+The inference presets (:mod:`inference.presets`) run the same steps on a user's scan, resampling in-plane
+only (:func:`inplane_grid`: the scan keeps its slices, which the 2-D model segments one by one).
 
 Plus the command-line pieces every command uses (:func:`build_parser`, :func:`select_ids`,
 :func:`require_dir`) and :func:`check_label_values`.
@@ -112,13 +116,27 @@ def resampled_size(size: Sequence[int], spacing: Sequence[float], new_spacing: S
     return [int(s + 1) for s in scaled]
 
 
-def resample_image(image: sitk.Image, new_spacing: Sequence[float]) -> sitk.Image:
+def inplane_grid(image: sitk.Image, spacing_xy: Sequence[float]) -> tuple[list[float], list[int]]:
+    """Spacing and size ``(x, y, z)`` of an in-plane-only resampling of ``image`` to ``spacing_xy``: the
+    published size rule in x and y, the slices (z spacing and count) kept. Pass both to :func:`resample_image`
+    / :func:`resample_label`."""
+    spacing = [float(spacing_xy[0]), float(spacing_xy[1]), float(image.GetSpacing()[2])]
+    size = resampled_size(image.GetSize(), image.GetSpacing(), spacing)
+    return spacing, [size[0], size[1], int(image.GetSize()[2])]
+
+
+def resample_image(
+    image: sitk.Image, new_spacing: Sequence[float], size: Sequence[int] | None = None
+) -> sitk.Image:
     """Linear resampling to ``new_spacing`` (x, y, z) on a grid with the same origin and direction (step 4).
 
-    Size from :func:`resampled_size`; points outside the input field get 0; the pixel type is kept.
+    Size ``(x, y, z)`` from :func:`resampled_size` unless given; points outside the input field get 0; the
+    pixel type is kept.
     """
     new_spacing = [float(s) for s in new_spacing]
-    size = resampled_size(image.GetSize(), image.GetSpacing(), new_spacing)
+    if size is None:
+        size = resampled_size(image.GetSize(), image.GetSpacing(), new_spacing)
+    size = [int(v) for v in size]
     return sitk.Resample(
         image,
         size,
@@ -132,20 +150,25 @@ def resample_image(image: sitk.Image, new_spacing: Sequence[float]) -> sitk.Imag
     )
 
 
-def resample_label(label: sitk.Image, new_spacing: Sequence[float]) -> sitk.Image:
+def resample_label(
+    label: sitk.Image, new_spacing: Sequence[float], size: Sequence[int] | None = None
+) -> sitk.Image:
     """Resample a label volume the published way (step 4, label rule).
 
     Each non-zero label value, in increasing order, is resampled as a float32 0/1 mask with linear
     interpolation and rounded; voxels whose rounded mask is 1 take that value, so later (larger) values
-    overwrite earlier ones. Returns a UInt8 label on the grid :func:`resample_image` gives for the same input.
+    overwrite earlier ones. Returns a UInt8 label on the grid :func:`resample_image` gives for the same input
+    (and ``size``).
     """
     array = sitk.GetArrayFromImage(label)
     new_spacing = [float(s) for s in new_spacing]
-    out = np.zeros(resampled_size(label.GetSize(), label.GetSpacing(), new_spacing)[::-1], dtype=np.uint8)
+    if size is None:
+        size = resampled_size(label.GetSize(), label.GetSpacing(), new_spacing)
+    out = np.zeros([int(v) for v in size][::-1], dtype=np.uint8)
     for value in np.unique(array[array != 0]):
         mask = sitk.GetImageFromArray((array == value).astype(np.float32))
         mask.CopyInformation(label)
-        out[np.rint(sitk.GetArrayFromImage(resample_image(mask, new_spacing))) == 1] = value
+        out[np.rint(sitk.GetArrayFromImage(resample_image(mask, new_spacing, size))) == 1] = value
     result = sitk.GetImageFromArray(out)
     result.SetOrigin(label.GetOrigin())
     result.SetSpacing(new_spacing)
@@ -186,6 +209,23 @@ def centre_crop_or_pad(image: sitk.Image, pad_value: float, size: Sequence[int] 
     """
     start = [n // 2 - s // 2 for n, s in zip(image.GetSize()[:2], size, strict=True)]
     return crop_or_pad_inplane(image, start, size, pad_value)
+
+
+def mr_image_steps(
+    image: sitk.Image, spacing: Sequence[float], size: Sequence[int] | None = None
+) -> sitk.Image:
+    """MR steps 3-5 (CHAOS and CMR): clip above the 99.5th percentile, resample linearly to ``spacing``
+    (and ``size``, see :func:`resample_image`), centre crop/pad to 256 x 256 with the resampled minimum."""
+    image = resample_image(clip_top_percentile(image), spacing, size)
+    pad_value = float(sitk.GetArrayViewFromImage(image).min())
+    return centre_crop_or_pad(image, pad_value)
+
+
+def mr_label_steps(
+    label: sitk.Image, spacing: Sequence[float], size: Sequence[int] | None = None
+) -> sitk.Image:
+    """The label side of :func:`mr_image_steps`: per-value resampling, centre crop/pad with 0."""
+    return centre_crop_or_pad(resample_label(label, spacing, size), 0)
 
 
 def write_case(

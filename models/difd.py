@@ -8,6 +8,12 @@ branch) and ``decoder2.*`` (background branch).
 Shape: ``supp_imgs (B, S, 3, H, W)``, ``supp_masks (B, S, H, W)`` in {0, 1}, ``qry_imgs (B, Q, 3, H, W)`` →
 ``DIFDOutput`` with ``query_probs (B, Q, 2, H, W)`` ([bg, fg] probabilities), and, when alignment runs,
 ``support_probs (B, S, 2, H, W)`` and ``align_valid (B,)``.
+
+Inference with a fixed support (``segment.py``): :meth:`DIFD.encode_support` computes everything the head
+derives from the support alone (encoder features and threshold, DI's basis sets, the global prototypes)
+once, as an :class:`EncodedSupport`; :meth:`DIFD.encode_queries` encodes query slices, and
+:meth:`DIFD.segment_encoded` runs the per-query part of the head (IFR, FD, decoders) for any number of
+query batches against it. ``forward`` runs the same code, so both paths give the same probabilities.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from models.decoder import Decoder
-from models.dual_interspersion import MAP_EPS, DualInterspersion, InterspersionPlan, masked_sum
+from models.dual_interspersion import MAP_EPS, DualInterspersion, InterspersionPlan, PrototypeSets, masked_sum
 from models.flexible_deployment import FlexibleDeployment
 from models.fusion_refinement import InteractiveFusionRefinement
 
@@ -43,12 +49,39 @@ class DIFDOutput:
     align_valid: Tensor | None = None
 
 
-def _check_inputs(supp_imgs: Tensor, supp_masks: Tensor, qry_imgs: Tensor) -> None:
-    """Raise ``ValueError`` for wrong ranks, sizes, empty shot/query dimensions or non-binary masks."""
+@dataclass
+class EncodedSupport:
+    """The support side of the head, computed once (:meth:`DIFD.encode_support`) and reused for every query.
+
+    Shape: ``feats (B, S, C, h, w)``, ``masks (B, S, H, W)`` (the features' dtype), ``t (B,)`` (shot 0's
+    threshold), ``sets`` DI's basis sets of the shots that feed DI (``B·S'`` sources), ``proto_fg`` and
+    ``proto_bg`` ``(B, C)`` (the global prototypes; only read with ``decoder_extra_maps``).
+    """
+
+    feats: Tensor
+    masks: Tensor
+    t: Tensor
+    sets: PrototypeSets
+    proto_fg: Tensor
+    proto_bg: Tensor
+
+    def episode(self, index: int) -> EncodedSupport:
+        """Episode ``index`` alone (``B = 1``), e.g. one of several support slices encoded together."""
+        one = slice(index, index + 1)
+        per_episode = self.sets.fg.shape[0] // self.feats.shape[0]  # DI sources of one episode
+        src = slice(index * per_episode, (index + 1) * per_episode)
+        sets = PrototypeSets(
+            self.sets.fg[src], self.sets.fg_valid[src], self.sets.bg[src], self.sets.bg_valid[src]
+        )
+        return EncodedSupport(
+            self.feats[one], self.masks[one], self.t[one], sets, self.proto_fg[one], self.proto_bg[one]
+        )
+
+
+def _check_support(supp_imgs: Tensor, supp_masks: Tensor) -> None:
+    """Raise ``ValueError`` for wrong ranks or sizes of the support, or non-binary masks."""
     if supp_imgs.dim() != 5:
         raise ValueError(f"supp_imgs: expected (B, S, 3, H, W), got shape {tuple(supp_imgs.shape)}")
-    if qry_imgs.dim() != 5:
-        raise ValueError(f"qry_imgs: expected (B, Q, 3, H, W), got shape {tuple(qry_imgs.shape)}")
     if supp_masks.dim() != 4:
         raise ValueError(f"supp_masks: expected (B, S, H, W), got shape {tuple(supp_masks.shape)}")
     b, s, ch, h, w = supp_imgs.shape
@@ -56,24 +89,34 @@ def _check_inputs(supp_imgs: Tensor, supp_masks: Tensor, qry_imgs: Tensor) -> No
         raise ValueError(
             f"supp_imgs: need B ≥ 1 episodes and S ≥ 1 shots, got shape {tuple(supp_imgs.shape)}"
         )
+    if ch != 3 or h == 0 or w == 0:
+        raise ValueError(f"supp_imgs: expected 3 channels and a non-empty H×W, got {tuple(supp_imgs.shape)}")
+    if tuple(supp_masks.shape) != (b, s, h, w):
+        raise ValueError(f"supp_masks: expected shape {(b, s, h, w)}, got {tuple(supp_masks.shape)}")
+    if not supp_imgs.is_floating_point():
+        raise ValueError(f"supp_imgs: expected floating point, got {supp_imgs.dtype}")
+    # One host synchronisation to validate the masks at the boundary.
+    if bool(((supp_masks != 0) & (supp_masks != 1)).any()):
+        raise ValueError("supp_masks: expected values in {0, 1}, found other values")
+
+
+def _check_inputs(supp_imgs: Tensor, supp_masks: Tensor, qry_imgs: Tensor) -> None:
+    """Raise ``ValueError`` for wrong ranks, sizes, empty shot/query dimensions or non-binary masks."""
+    if qry_imgs.dim() != 5:
+        raise ValueError(f"qry_imgs: expected (B, Q, 3, H, W), got shape {tuple(qry_imgs.shape)}")
+    _check_support(supp_imgs, supp_masks)
+    b, _, ch, h, w = supp_imgs.shape
     if qry_imgs.shape[0] != b or qry_imgs.shape[1] == 0:
         raise ValueError(
             f"qry_imgs: expected ({b}, Q ≥ 1, {ch}, {h}, {w}) to match supp_imgs, got {tuple(qry_imgs.shape)}"
         )
-    if ch != 3 or qry_imgs.shape[2:] != supp_imgs.shape[2:]:
+    if qry_imgs.shape[2:] != supp_imgs.shape[2:]:
         raise ValueError(
             f"images: expected 3 channels and equal sizes, got supp_imgs {tuple(supp_imgs.shape)} "
             f"and qry_imgs {tuple(qry_imgs.shape)}"
         )
-    if h == 0 or w == 0:
-        raise ValueError(f"images: expected a non-empty H×W, got {h}×{w}")
-    if tuple(supp_masks.shape) != (b, s, h, w):
-        raise ValueError(f"supp_masks: expected shape {(b, s, h, w)}, got {tuple(supp_masks.shape)}")
-    if not (supp_imgs.is_floating_point() and qry_imgs.is_floating_point()):
-        raise ValueError(f"images: expected floating point, got {supp_imgs.dtype} and {qry_imgs.dtype}")
-    # One host synchronisation to validate the masks at the boundary.
-    if bool(((supp_masks != 0) & (supp_masks != 1)).any()):
-        raise ValueError("supp_masks: expected values in {0, 1}, found other values")
+    if not qry_imgs.is_floating_point():
+        raise ValueError(f"qry_imgs: expected floating point, got {qry_imgs.dtype}")
 
 
 class DIFD(nn.Module):
@@ -118,7 +161,7 @@ class DIFD(nn.Module):
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)``, ``(B, Q, 3, H, W)`` → ``DIFDOutput``.
         """
         _check_inputs(supp_imgs, supp_masks, qry_imgs)
-        b, s, _, height, width = supp_imgs.shape
+        b, s = supp_imgs.shape[:2]
         q = qry_imgs.shape[1]
         # DI's mask-only plan holds its host synchronisation: made before the encoder is queued, it finds
         # an idle device instead of draining the encoder's work.
@@ -130,7 +173,7 @@ class DIFD(nn.Module):
         t_supp = t[: b * s].view(b, s)[:, 0]  # support threshold = shot 0's
         t_qry = t[b * s :].view(b, q)
         masks = supp_masks.to(feats.dtype)
-        query_probs = self.segment(supp_feats, masks, qry_feats, t_qry, t_supp, (height, width), plan)
+        query_probs = self.segment(supp_feats, masks, qry_feats, t_qry, t_supp, plan)
         if not (self.training if align is None else align):
             return DIFDOutput(query_probs)
 
@@ -150,9 +193,78 @@ class DIFD(nn.Module):
             supp_feats,
             t_qry[:, :1].expand(b, s),
             t_supp,
-            (height, width),
         )
         return DIFDOutput(query_probs, support_probs, align_valid)
+
+    def encode_support(self, supp_imgs: Tensor, supp_masks: Tensor) -> EncodedSupport:
+        """Encode a fixed support once: features, threshold, DI's basis sets and the global prototypes.
+
+        The support is encoded on its own, so BatchNorm must use its running statistics (``eval()``).
+        Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)`` in {0, 1} → :class:`EncodedSupport`.
+        """
+        _check_support(supp_imgs, supp_masks)
+        b, s = supp_imgs.shape[:2]
+        plan = self._interspersion_plan(supp_masks.to(supp_imgs.dtype))  # before the encoder, as forward
+        feats, t = self.encoder(supp_imgs.flatten(0, 1))
+        return self.prepare_support(
+            feats.unflatten(0, (b, s)), supp_masks.to(feats.dtype), t.view(b, s)[:, 0], plan
+        )
+
+    def encode_queries(self, qry_imgs: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder features and thresholds of query slices. Shape: ``(N, 3, H, W)`` → ``(N, C, h, w)``,
+        ``(N,)``."""
+        if qry_imgs.dim() != 4 or qry_imgs.shape[1] != 3 or not qry_imgs.is_floating_point():
+            raise ValueError(f"qry_imgs: expected floating point (N, 3, H, W), got {tuple(qry_imgs.shape)}")
+        return self.encoder(qry_imgs)
+
+    def prepare_support(
+        self,
+        support_feats: Tensor,
+        support_masks: Tensor,
+        t_support: Tensor,
+        plan: InterspersionPlan | None = None,
+    ) -> EncodedSupport:
+        """The support side of the head: DI's basis sets (shot 0, or all with ``multi_shot='all'``) and the
+        global prototypes. Shape: ``(B, S, C, h, w)``, ``(B, S, H, W)``, ``(B,)`` → :class:`EncodedSupport`;
+        ``plan``: DI's plan of ``support_masks`` (:meth:`_interspersion_plan`), made here when not given.
+        """
+        b, _, c = support_feats.shape[:3]
+        n_di = 1 if self.multi_shot == "official" else support_feats.shape[1]
+        if plan is None:
+            plan = self._interspersion_plan(support_masks)
+        sets = self.interspersion(support_feats[:, :n_di].flatten(0, 1), plan=plan)
+        if self.deployment.extra_maps:
+            proto_fg, proto_bg = self._global_prototypes(support_feats, support_masks)
+        else:
+            proto_fg = proto_bg = support_feats.new_zeros(b, c)  # only read with extra maps
+        return EncodedSupport(support_feats, support_masks, t_support, sets, proto_fg, proto_bg)
+
+    def segment_encoded(self, support: EncodedSupport, query_feats: Tensor, t_query: Tensor) -> Tensor:
+        """The per-query part of the head against an encoded support: IFR + FD per query, decoders,
+        [bg, fg] softmax at the support masks' size.
+
+        Shape: ``query_feats (B, Q, C, h, w)``, ``t_query (B, Q)`` → ``(B, Q, 2, H, W)``.
+        """
+        b, q, c = query_feats.shape[:3]
+        image_size = tuple(support.masks.shape[-2:])
+        n_di = 1 if self.multi_shot == "official" else support.feats.shape[1]
+        di_feats = support.feats[:, :n_di]
+        di_masks = support.masks[:, :n_di]
+        sets = support.sets
+        branch_feats = []
+        for basis, valid, branch_masks, proto in (
+            (sets.fg, sets.fg_valid, di_masks, support.proto_fg),
+            (sets.bg, sets.bg_valid, 1 - di_masks, support.proto_bg),
+        ):
+            basis = basis.view(b, -1, c)  # shots' sets side by side ('all') or shot 0's
+            valid = valid.view(b, -1)
+            refined = self.fuse(basis, query_feats, t_query, di_feats, branch_masks)
+            branch_feats.append(self.deployment(refined, valid, query_feats, support.t, proto).flatten(0, 1))
+        fg_logits = self.decoder1(branch_feats[0])
+        bg_logits = self.decoder2(branch_feats[1])
+        logits = torch.cat([bg_logits, fg_logits], 1)
+        logits = F.interpolate(logits, size=image_size, mode="bilinear", align_corners=True)
+        return torch.softmax(logits, dim=1).view(b, q, 2, *image_size)
 
     def segment(
         self,
@@ -161,7 +273,6 @@ class DIFD(nn.Module):
         query_feats: Tensor,
         t_query: Tensor,
         t_support: Tensor,
-        image_size: tuple[int, int],
         plan: InterspersionPlan | None = None,
     ) -> Tensor:
         """The head: DI on the support, IFR + FD per query, decoders, [bg, fg] softmax.
@@ -170,34 +281,8 @@ class DIFD(nn.Module):
         ``query_feats (B, Q, C, h, w)``, ``t_query (B, Q)``, ``t_support (B,)`` → ``(B, Q, 2, H, W)``;
         ``plan``: DI's plan of ``support_masks`` (:meth:`_interspersion_plan`), made here when not given.
         """
-        b, s, c, h, w = support_feats.shape
-        q = query_feats.shape[1]
-        n_di = 1 if self.multi_shot == "official" else s
-        di_feats = support_feats[:, :n_di]
-        di_masks = support_masks[:, :n_di]
-        if plan is None:
-            plan = self._interspersion_plan(support_masks)
-        sets = self.interspersion(di_feats.flatten(0, 1), plan=plan)
-
-        if self.deployment.extra_maps:
-            proto_fg, proto_bg = self._global_prototypes(support_feats, support_masks)
-        else:
-            proto_fg = proto_bg = support_feats.new_zeros(b, c)  # only read with extra maps
-
-        branch_feats = []
-        for basis, valid, branch_masks, proto in (
-            (sets.fg, sets.fg_valid, di_masks, proto_fg),
-            (sets.bg, sets.bg_valid, 1 - di_masks, proto_bg),
-        ):
-            basis = basis.view(b, -1, c)  # shots' sets side by side ('all') or shot 0's
-            valid = valid.view(b, -1)
-            refined = self.fuse(basis, query_feats, t_query, di_feats, branch_masks)
-            branch_feats.append(self.deployment(refined, valid, query_feats, t_support, proto).flatten(0, 1))
-        fg_logits = self.decoder1(branch_feats[0])
-        bg_logits = self.decoder2(branch_feats[1])
-        logits = torch.cat([bg_logits, fg_logits], 1)
-        logits = F.interpolate(logits, size=image_size, mode="bilinear", align_corners=True)
-        return torch.softmax(logits, dim=1).view(b, q, 2, *image_size)
+        support = self.prepare_support(support_feats, support_masks, t_support, plan)
+        return self.segment_encoded(support, query_feats, t_query)
 
     def _interspersion_plan(self, support_masks: Tensor) -> InterspersionPlan:
         """DI's mask-only plan for the shots that feed DI (shot 0, or all with ``multi_shot='all'``).

@@ -42,12 +42,10 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from data.preprocessing import (  # noqa: E402
     build_parser,
-    centre_crop_or_pad,
     check_label_values,
-    clip_top_percentile,
+    mr_image_steps,
+    mr_label_steps,
     require_dir,
-    resample_image,
-    resample_label,
     select_ids,
     write_case,
 )
@@ -198,10 +196,7 @@ def preprocess_case(t2spir_dir: Path) -> tuple[sitk.Image, sitk.Image]:
     image = flip_rows(image)
     label = sitk.GetImageFromArray(np.ascontiguousarray(classes[:, ::-1, :]))
     label.CopyInformation(image)
-    image = resample_image(clip_top_percentile(image), SPACING)
-    label = resample_label(label, SPACING)
-    pad_value = float(sitk.GetArrayViewFromImage(image).min())
-    return centre_crop_or_pad(image, pad_value), centre_crop_or_pad(label, 0)
+    return mr_image_steps(image, SPACING), mr_label_steps(label, SPACING)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:

@@ -37,12 +37,10 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from data.preprocessing import (  # noqa: E402
     build_parser,
-    centre_crop_or_pad,
     check_label_values,
-    clip_top_percentile,
+    mr_image_steps,
+    mr_label_steps,
     require_dir,
-    resample_image,
-    resample_label,
     select_ids,
     write_case,
 )
@@ -121,10 +119,7 @@ def preprocess_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sit
         )
     label = map_labels(label, label_path)
     label.CopyInformation(image)  # the label is drawn on the image's grid
-    image = resample_image(clip_top_percentile(image), SPACING)
-    label = resample_label(label, SPACING)
-    pad_value = float(sitk.GetArrayViewFromImage(image).min())
-    return centre_crop_or_pad(image, pad_value), centre_crop_or_pad(label, 0)
+    return mr_image_steps(image, SPACING), mr_label_steps(label, SPACING)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:

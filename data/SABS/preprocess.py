@@ -96,6 +96,23 @@ def normalise_intensity(image: sitk.Image) -> sitk.Image:
     return result
 
 
+def cut_and_resample(
+    image: sitk.Image,
+    border: Sequence[int],
+    spacing: Sequence[float],
+    size: Sequence[int] | None = None,
+    label: bool = False,
+) -> sitk.Image:
+    """Cut ``border`` (x, y) voxels from each in-plane side, then resample to ``spacing`` (x, y, z) and
+    ``size`` (default: the published size rule); a label with the per-value rule (``label=True``)."""
+    width, height = image.GetSize()[:2]
+    size_xy = (width - 2 * border[0], height - 2 * border[1])
+    if min(size_xy) < 1:
+        raise ValueError(f"in-plane size {width} x {height} leaves nothing after a {tuple(border)}-voxel cut")
+    cut = crop_or_pad_inplane(image, border, size_xy, 0)
+    return resample_label(cut, spacing, size) if label else resample_image(cut, spacing, size)
+
+
 def preprocess_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Image]:
     """One raw case -> (image in [0, 255], label 0..13), border cut and resampled in-plane by 1.75."""
     image, label = read_image(image_path), read_image(label_path)
@@ -108,17 +125,14 @@ def preprocess_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sit
     check_label_values(label_array, LABEL_VALUES, label_path)
     label = sitk.GetImageFromArray(label_array.astype(np.uint8))
     label.CopyInformation(image)  # the label is drawn on the image's grid
-    width, height = image.GetSize()[:2]
-    start, size = (BORDER, BORDER), (width - 2 * BORDER, height - 2 * BORDER)
-    if min(size) < 1:
-        raise ValueError(
-            f"{image_path}: in-plane size {width} x {height} leaves nothing after the {BORDER}-voxel cut"
-        )
-    image = crop_or_pad_inplane(normalise_intensity(image), start, size, 0.0)
-    label = crop_or_pad_inplane(label, start, size, 0)
     spacing = image.GetSpacing()
     new_spacing = (spacing[0] * SPACING_FACTOR, spacing[1] * SPACING_FACTOR, spacing[2])
-    return resample_image(image, new_spacing), resample_label(label, new_spacing)
+    border = (BORDER, BORDER)
+    try:
+        image = cut_and_resample(normalise_intensity(image), border, new_spacing)
+    except ValueError as err:
+        raise ValueError(f"{image_path}: {err}") from err
+    return image, cut_and_resample(label, border, new_spacing, label=True)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:

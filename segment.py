@@ -1,0 +1,231 @@
+"""Segment your own scans with a trained DIFD model, from one labelled support scan.
+
+Example (the shared CHAOST2 copy; liver and spleen of case 1 segmented in cases 2 and 3)::
+
+    python segment.py --checkpoint runs/CHAOST2_setting1/fold0/snapshots/40000.pth \\
+        --support-image ../shared/data/CHAOST2/chaos_MR_T2_normalized/image_1.nii.gz \\
+        --support-label ../shared/data/CHAOST2/chaos_MR_T2_normalized/label_1.nii.gz --label 1 --label 4 \\
+        --query ../shared/data/CHAOST2/chaos_MR_T2_normalized/image_2.nii.gz \\
+                ../shared/data/CHAOST2/chaos_MR_T2_normalized/image_3.nii.gz --out seg_out
+
+Scans: NIfTI (``.nii``, ``.nii.gz``), any 3-D file SimpleITK reads (``.nrrd``, ``.mha``, ...) or a DICOM
+series folder (``--series UID`` picks one where a folder holds several). For each query ``Q`` it writes
+``OUT/<Q>.nii.gz`` (the ``--label`` values, 0 elsewhere, on exactly the query's voxel grid),
+``OUT/<Q>_overlays/`` (axial PNGs per organ, radiological orientation) and, last, ``OUT/report.json``
+(per query and organ: voxels, mL, slice range, support slices used; checkpoint path and SHA-256, preset,
+timings); a run that stops early leaves no report.json. Every file is written under a temporary name and
+renamed. Existing outputs are refused unless ``--overwrite``.
+
+The work is done by :mod:`inference` (``inference.segment`` / ``inference.Segmenter`` take and return
+SimpleITK images or arrays with geometry); this file only parses the command line and writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from inference.outputs import write_json, write_label_map, write_overlays
+from inference.presets import PRESETS
+from inference.segmenter import DEFAULT_BATCH_SIZE, Segmenter, check_labels, check_support
+from inference.volumes import AxisMap, Volume, read_scan, scan_name
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``'Z0:Z1'`` → ``(Z0, Z1)``: slices ``Z0 .. Z1 - 1`` of the query's own slice axis."""
+    try:
+        z0, z1 = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Z0:Z1 (two integers), got {text!r}") from None
+    if not 0 <= z0 < z1:
+        raise argparse.ArgumentTypeError(f"expected 0 <= Z0 < Z1, got {text!r}")
+    return z0, z1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Segment organs in scans with a trained DIFD model, from one labelled support scan.",
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="DIFD snapshot or official state dict")
+    parser.add_argument(
+        "--support-image", required=True, type=Path, help="support scan (file or DICOM folder)"
+    )
+    parser.add_argument("--support-label", required=True, type=Path, help="its label map, on the same grid")
+    parser.add_argument(
+        "--label", required=True, type=int, action="append", help="label value to segment (repeat for more)"
+    )
+    parser.add_argument("--query", required=True, type=Path, nargs="+", help="scans to segment")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="preprocessing of the model's dataset (default: the dataset the checkpoint records)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default=None, help="default: bf16 on CUDA, fp32 elsewhere"
+    )
+    parser.add_argument(
+        "--query-range",
+        type=parse_range,
+        nargs="+",
+        default=None,
+        metavar="Z0:Z1",
+        help="known organ extent (slices Z0..Z1-1 of the query file), one for all queries or one per query; "
+        "default: estimated from each query",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--series",
+        action="append",
+        default=[],
+        metavar="UID",
+        help="DICOM series to read where a folder holds several",
+    )
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="query slices per forward")
+    parser.add_argument("--n-part", type=int, default=3, help="support slices per organ (the protocol's 3)")
+    parser.add_argument(
+        "--keep-orientation",
+        action="store_true",
+        help="take the arrays as stored in the training layout, ignoring direction matrices (files whose "
+        "direction is wrong, e.g. the published SABS copies)",
+    )
+    return parser
+
+
+def output_paths(queries: Sequence[Path], out: Path) -> dict[Path, tuple[str, Path, Path]]:
+    """Per query: its name, label map path and overlay folder; two queries of one name are an error."""
+    paths, seen = {}, {}
+    for query in queries:
+        name = scan_name(query)
+        if name in seen:
+            raise ValueError(
+                f"queries {seen[name]} and {query} would both write {out / name}.nii.gz; rename one"
+            )
+        seen[name] = query
+        paths[query] = (name, out / f"{name}.nii.gz", out / f"{name}_overlays")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Run the command; returns the path of report.json. Bad input raises before anything is written."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    labels = check_labels(args.label)
+    outputs = output_paths(args.query, args.out)
+    report_path = args.out / "report.json"
+    existing = [p for _, *files in outputs.values() for p in files if p.exists()]
+    existing += [report_path] if report_path.exists() else []
+    if existing and not args.overwrite:
+        raise FileExistsError(
+            f"outputs exist (pass --overwrite to replace them): {[str(p) for p in existing]}"
+        )
+    ranges = args.query_range or [None]
+    if len(ranges) not in (1, len(args.query)):
+        raise ValueError(
+            f"--query-range: give one range for all queries or one per query ({len(args.query)})"
+        )
+    ranges = ranges * len(args.query) if len(ranges) == 1 else ranges
+
+    # Every input is read and checked before the model is loaded and before anything is written.
+    series = tuple(args.series)
+    support_image = read_scan(args.support_image, series)
+    support_label = read_scan(args.support_label, series, constant_ok=True)
+    check_support(support_image, support_label, labels, (str(args.support_image), str(args.support_label)))
+    directions = {}
+    for query, query_range in zip(args.query, ranges, strict=True):
+        scan = read_scan(query, series)
+        directions[query] = scan.geometry.direction
+        depth = scan.shape[0]
+        if query_range is not None and query_range[1] > depth:
+            raise ValueError(
+                f"{query}: query range {query_range[0]}:{query_range[1]} is outside its {depth} slices"
+            )
+
+    clock = time.perf_counter()
+    segmenter = Segmenter.from_checkpoint(
+        args.checkpoint,
+        preset=args.preset,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        n_part=args.n_part,
+    )
+    load_seconds = time.perf_counter() - clock
+    for query, query_range in zip(args.query, ranges, strict=True):
+        layout = AxisMap.closest(directions[query], segmenter.preset.direction)
+        if query_range is not None and not args.keep_orientation and not layout.keeps_slice_axis:
+            raise ValueError(
+                f"{query}: its slice axis is not the model's ({segmenter.preset.name} layout), so "
+                "--query-range does not select model slices; omit it for this query"
+            )
+    support = segmenter.prepare_support(
+        support_image,
+        support_label,
+        labels,
+        reorient=not args.keep_orientation,
+        sources=(str(args.support_image), str(args.support_label)),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    report_path.unlink(missing_ok=True)  # a stale report must not describe this run's outputs
+    report = {
+        "checkpoint": segmenter.checkpoint.report(),
+        "preset": segmenter.preset.name,
+        "preset_source": "--preset" if args.preset else "checkpoint",
+        "image_size": segmenter.image_size,
+        "device": str(segmenter.device),
+        "precision": segmenter.precision,
+        "channels_last": segmenter.channels_last,
+        "n_part": segmenter.n_part,
+        "batch_size": segmenter.batch_size,
+        "reorient": not args.keep_orientation,
+        "support": {
+            "image": str(args.support_image),
+            "label": str(args.support_label),
+            "organs": {
+                str(value): {"slices": organ.source_slices, "labelled_slices": organ.n_labelled}
+                for value, organ in support.organs.items()
+            },
+        },
+        "queries": {},
+        "timings_s": {"load_model": load_seconds, "support": support.seconds},
+    }
+    for query, query_range in zip(args.query, ranges, strict=True):
+        name, map_path, overlay_dir = outputs[query]
+        clock = time.perf_counter()
+        scan = read_scan(query, series)
+        read_seconds = time.perf_counter() - clock
+        result = segmenter.segment_volume(support, scan, query_range, not args.keep_orientation, str(query))
+        clock = time.perf_counter()
+        label_map = Volume(result.label_map, result.geometry)
+        write_label_map(label_map, map_path)
+        overlays = write_overlays(scan, label_map, labels, overlay_dir)
+        write_seconds = time.perf_counter() - clock
+        report["queries"][name] = {
+            "input": str(query),
+            "label_map": str(map_path),
+            "overlays": [str(overlay_dir / f) for f in overlays],
+            "shape_zyx": list(scan.shape),
+            "spacing_xyz": list(scan.geometry.spacing),
+            "voxel_ml": scan.voxel_ml,
+            "query_range": None if query_range is None else list(query_range),
+            "organs": {str(value): entry for value, entry in result.organs.items()},
+            "timings_s": {"read": read_seconds, **result.timings, "write": write_seconds},
+        }
+        found = ", ".join(f"{v}: {e['volume_ml']:.1f} mL" for v, e in result.organs.items())
+        print(f"{name}: {found} -> {map_path}", flush=True)
+    report["timings_s"]["total"] = time.perf_counter() - started
+    write_json(report, report_path)
+    print(f"report: {report_path}", flush=True)
+    return report_path
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        sys.exit(f"segment.py: error: {err}")
