@@ -429,14 +429,15 @@ def model_state_from_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_model_checkpoint(path).state
 
 
-def load_model_weights(model: nn.Module, path: str | os.PathLike) -> ModelCheckpoint:
-    """Load a checkpoint into ``model`` (strict: every tensor must match by name and shape).
+def load_model_weights(model: nn.Module, path: str | os.PathLike | ModelCheckpoint) -> ModelCheckpoint:
+    """Load a checkpoint (a file, or one :func:`read_model_checkpoint` already read) into ``model`` (strict:
+    every tensor must match by name and shape).
 
     A mismatch is a ``ValueError`` that says what the file seems to be, counts the missing, unexpected
     and differently shaped tensors and lists the first few of each (:func:`describe_mismatch`).
     Returns the checkpoint read (its kind, step and training config).
     """
-    checkpoint = read_model_checkpoint(path)
+    checkpoint = path if isinstance(path, ModelCheckpoint) else read_model_checkpoint(path)
     own = model.state_dict()
     problem = describe_mismatch(checkpoint, own)
     if problem:

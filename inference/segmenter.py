@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from checkpoint import SNAPSHOT_FORMAT, load_model_weights, model_state_from_file
+from checkpoint import ModelCheckpoint, load_model_weights, read_model_checkpoint
 from dataloaders.io import Geometry
 from dataloaders.test_dataset import chunk_bounds, support_slice_indices
 from inference.presets import (
@@ -104,14 +104,17 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
-    """Check that ``path`` holds a DIFD model (our snapshot or an official state dict) and read its config.
+def inspect_checkpoint(path: str | os.PathLike) -> tuple[CheckpointInfo, ModelCheckpoint]:
+    """Check that ``path`` holds a DIFD model (our snapshot of either kind, or an official state dict) and
+    read it once (:func:`checkpoint.read_model_checkpoint`: verified, ``criterion.weight`` checked).
 
-    Raises ``ValueError`` naming the file for another architecture (keys or decoder width not DIFD's) or a
-    snapshot whose recorded ``decoder_extra_maps`` contradicts its weights.
+    Returns what the report says about it and the weights. Raises ``ValueError`` naming the file for
+    another architecture (keys or decoder width not DIFD's) or a snapshot whose recorded
+    ``decoder_extra_maps`` contradicts its weights.
     """
     path = Path(path)
-    state = model_state_from_file(path)
+    checkpoint = read_model_checkpoint(path)
+    state = checkpoint.state
     missing = [key for key in DIFD_KEYS if key not in state]
     if missing:
         sample = ", ".join(list(state)[:4])
@@ -126,22 +129,16 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
             f"{sorted(DECODER_CHANNELS)} (2C+1 or 2C+3 with C = {FEATURE_CHANNELS})"
         )
     extra_maps = DECODER_CHANNELS[channels]
-    # The weights were read above; the config is read again without loading the tensors (memory map),
-    # which needs the zip format torch.save writes since torch 1.6 (older files are read whole).
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    config, step = None, None
-    if isinstance(payload, dict) and payload.get("format") == SNAPSHOT_FORMAT:
-        config, step = dict(payload.get("config") or {}), int(payload["step"])
+    config = None if checkpoint.config is None else dict(checkpoint.config)
+    if config is not None:
         recorded = config.get("decoder_extra_maps", extra_maps)
         if bool(recorded) != extra_maps:
             raise ValueError(
                 f"{path}: the snapshot's config says decoder_extra_maps={recorded}, but its decoders take "
                 f"{channels} channels (decoder_extra_maps={extra_maps})"
             )
-    return CheckpointInfo(path, sha256_of(path), config, step, extra_maps)
+    info = CheckpointInfo(path, sha256_of(path), config, checkpoint.step, extra_maps)
+    return info, checkpoint
 
 
 def estimate_extent(scores: np.ndarray, length: int) -> tuple[int, int]:
@@ -297,7 +294,7 @@ class Segmenter:
         needs one. The working size is the snapshot's ``image_size``. ``options``: the other arguments of
         :class:`Segmenter`.
         """
-        info = inspect_checkpoint(path)
+        info, checkpoint = inspect_checkpoint(path)
         config = info.config or {}
         if preset is None:
             if config.get("dataset") not in DATASET_PRESETS:
@@ -322,7 +319,7 @@ class Segmenter:
                 region_sampling=config.get("region_sampling", "official"),
                 multi_shot=config.get("multi_shot", "official"),
             )
-        load_model_weights(model, path)
+        load_model_weights(model, checkpoint)
         return cls(model, preset, image_size=config.get("image_size"), checkpoint=info, **options)
 
     # ------------------------------------------------------------------------------------------ model calls

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 import segment
-from checkpoint import SNAPSHOT_FORMAT
+from checkpoint import SNAPSHOT_FORMAT, WEIGHTS_FORMAT
 from data.SABS.preprocess import cut_and_resample, normalise_intensity
 from dataloaders.io import Geometry, read_header
 from inference import outputs
@@ -366,9 +366,9 @@ def resnet_state() -> dict[str, torch.Tensor]:
 def command_files(tmp_path_factory, chaos, resnet_state) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("command")
     snapshot = folder / "difd32.pth"
-    torch.save(
+    torch.save(  # the weights-only kind a finished run leaves as its final snapshot
         {
-            "format": SNAPSHOT_FORMAT,
+            "format": WEIGHTS_FORMAT,
             "step": 7,
             "model": resnet_state,
             "config": {"dataset": "CHAOST2", "image_size": 32},
