@@ -31,6 +31,7 @@ from inference.presets import CMR_DIRECTION, LAS_DIRECTION, get_preset, sabs_inp
 from inference.segmenter import Segmenter, combine_labels, estimate_extent, sha256_of
 from inference.volumes import AxisMap, Volume, read_scan
 from models import build_difd
+from tests.damage import flip_silent_bit
 from tests.segment_fixtures import copy_on_other_grid
 from tests.tiny_difd import tiny_difd
 
@@ -491,8 +492,10 @@ def _inputs(tmp_path: Path) -> dict[str, Path]:
         "query": _small(tmp_path, "query.nii.gz", query),
         "shifted_label": _small(tmp_path, "shifted.nii.gz", label, origin=(0.0, 3.0, 0.0)),
         "float_label": _small(tmp_path, "float_label.nii.gz", label * np.float32(0.5)),
-        # .mha: SimpleITK 2.5's NIfTI reader returns NaN voxels as 0 (dataloaders.io.read_volume's concern)
         "nan_query": _small(tmp_path, "nan.mha", nan_query),
+        # SimpleITK's own NIfTI reader returns NaN voxels as 0; dataloaders.io.read_volume refuses them
+        "nan_nifti": _small(tmp_path, "nan.nii.gz", nan_query),
+        "damaged_nifti": _small(tmp_path, "damaged.nii.gz", query),
         "empty_query": _small(tmp_path, "empty.nii.gz", np.zeros((6, 40, 40), dtype=np.float32)),
         "flat": _small(tmp_path, "flat.mha", query[0]),
         "four_d": _small(tmp_path, "four_d.nii.gz", np.stack([query, query])),
@@ -534,6 +537,8 @@ BAD_INPUTS = [
     ),
     ("label zero", {"values": ["0"]}, ValueError, r"labels: expected distinct positive integers"),
     ("non-finite voxels", {"query": "nan_query"}, ValueError, r"nan.mha: 1 non-finite voxel\(s\)"),
+    ("non-finite NIfTI", {"query": "nan_nifti"}, ValueError, r"nan.nii.gz: 1 non-finite voxel\(s\)"),
+    ("damaged NIfTI", {"query": "damaged_nifti"}, ValueError, r"damaged.nii.gz is corrupt \(gzip CRC-32"),
     ("empty query", {"query": "empty_query"}, ValueError, r"empty.nii.gz: the scan is empty"),
     ("same output name", {"extra": ["--query", "Q", "Q"]}, ValueError, r"would both write"),
     ("range past the end", {"extra": ["--query-range", "2:9"]}, ValueError, r"query.nii.gz: query range 2:9"),
@@ -547,6 +552,7 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, overrides, error, 
     files = _inputs(tmp_path)
     files["garbage_nii"].write_bytes(b"\x1f\x8b not really a gzip stream" * 20)
     files["garbage_mha"].write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 4 4\nElementDataFile = x\n")
+    flip_silent_bit(files["damaged_nifti"])  # same length, the gzip CRC no longer matches
     query = str(files[overrides.get("query", "query")])
     extra = [query if v == "Q" else v for v in overrides.get("extra", [])]
     argv = [
