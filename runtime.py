@@ -53,6 +53,17 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), where ``precision='bf16'`` makes a
+    training step about 1.6x faster (64 px, 2 threads); elsewhere bf16 is emulated and slower than fp32.
+
+    The probes are private torch functions; a torch without them answers ``False`` (use fp32).
+    """
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    probes = [getattr(torch.cpu, name, None) for name in names]
+    return any(probe is not None and probe() for probe in probes)
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bfloat16 autocast on ``device``'s type for ``'bf16'``; a no-op context for ``'fp32'``."""
     check_precision(precision)

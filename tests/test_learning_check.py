@@ -13,6 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import runtime
 from tests.run_fixtures import make_mini_root
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +49,8 @@ def test_learning_check_prints_its_curve_and_judges_the_goal(data_root: Path, tm
     assert (run_dir / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["use_gt"] is True and config["test_label"] == [4] and config["validate_labels"] == [1, 4]
+    # DIFD_LC_PRECISION=auto: bf16 only where this CPU has bfloat16 instructions
+    assert config["precision"] == ("bf16" if runtime.cpu_has_native_bf16() else "fp32")
     assert "passed: the pipeline learns" in done.stdout
 
     failed = _check(mini, tmp_path / "out", goal="101")  # the run folder is made anew
