@@ -8,7 +8,7 @@
 # per-organ Dice table and says where the predictions, overlays and progress.png are.
 #
 # Sized for the machine: on CUDA the full configuration (official schedule, native 256 px); on a CPU a
-# reduced one meant to finish on 2 idle cores in about 15 minutes (see the CPU defaults below). From random
+# reduced one (see the CPU defaults below; 17 min 36 s measured on 2 idle cores, README). From random
 # weights (no pretrained weights offline) the CPU demo shows the pipeline working, not a useful model: the
 # README's Demo section has the measured curves and what was tried to do better.
 #
@@ -31,13 +31,9 @@ cd "$(dirname "$0")/.."
 start_time=$SECONDS
 
 if [ "${DIFD_DEMO_SKIP_SETUP:-0}" = 1 ]; then
-    # CI: the environment (and the supervoxel extension) was set up by script/test.sh.
-    if [ -x .venv/bin/python ]; then
-        # shellcheck disable=SC1091
-        source .venv/bin/activate
-    fi
+    source script/setup_env.sh activate-only
 else
-    source script/setup_env.sh
+    source script/setup_env.sh install
 fi
 
 out="${DIFD_DEMO_OUT:-demo_output}"
@@ -87,7 +83,7 @@ common=(abd_mri setting1 "data_root=$data_root" "n_sv=$n_sv" "device=$device" "p
 validation=("validate_cases=${DIFD_DEMO_VALIDATE_CASES:-2}" "precision=${DIFD_DEMO_PRECISION:-fp32}")
 if [ "$device" = cpu ]; then
     # CPU: ResNet-101 from random initialisation (no pretrained weights offline) on 64 px slices (about
-    # 0.7 s per step on 2 idle cores), the official learning rate without decay; min_size scaled with the
+    # 0.6-1.05 s per step on 2 idle cores), the official learning rate without decay; min_size scaled with the
     # slice area (200 px at 256 px).
     size="${DIFD_DEMO_SIZE:-64}"
     steps="${DIFD_DEMO_STEPS:-800}"

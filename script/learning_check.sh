@@ -30,12 +30,9 @@ cd "$(dirname "$0")/.."
 start_time=$SECONDS
 
 if [ "${DIFD_LC_SKIP_SETUP:-0}" = 1 ]; then
-    if [ -x .venv/bin/python ]; then
-        # shellcheck disable=SC1091
-        source .venv/bin/activate
-    fi
+    source script/setup_env.sh activate-only
 else
-    source script/setup_env.sh
+    source script/setup_env.sh install
 fi
 
 data_root="${DIFD_DATA_ROOT:-../shared/data}"

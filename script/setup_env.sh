@@ -1,8 +1,23 @@
 #!/usr/bin/env bash
-# Shared set-up for script/test.sh and script/demo.sh: creates .venv if absent (reuses it otherwise),
-# installs the pinned requirements and builds the Cython supervoxel extension in place.
-# Usage: source script/setup_env.sh   (from the repository root; leaves .venv activated)
+# Shared set-up for script/test.sh, script/demo.sh and script/learning_check.sh: creates .venv if absent
+# (reuses it otherwise), installs the pinned requirements and builds the Cython supervoxel extension in place.
+# Usage (from the repository root; leaves .venv activated):
+#   source script/setup_env.sh install         set up as above
+#   source script/setup_env.sh activate-only   only activate an existing .venv (CI and the tests, where
+#                                              script/test.sh set it up already)
 set -euo pipefail
+
+mode="${1:?usage: source script/setup_env.sh install|activate-only}"
+if [ "$mode" = activate-only ]; then
+    if [ -x .venv/bin/python ]; then
+        # shellcheck disable=SC1091
+        source .venv/bin/activate
+    fi
+    return 0
+elif [ "$mode" != install ]; then
+    echo "setup_env.sh: expected install or activate-only, got $mode" >&2
+    return 2
+fi
 
 PYTHON_BIN="${PYTHON_BIN:-python3.11}"
 command -v "$PYTHON_BIN" >/dev/null 2>&1 || PYTHON_BIN=python3

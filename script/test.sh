@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-source script/setup_env.sh
+source script/setup_env.sh install
 
 echo "[test] ruff check"
 ruff check .

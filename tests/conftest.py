@@ -1,4 +1,4 @@
-"""Shared pytest set-up: opt-in slow tests and the real-data fixture."""
+"""Shared pytest set-up: opt-in slow tests, the real-data fixture and one torch thread."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from utils import resolve_data_root
 
@@ -27,3 +28,13 @@ def data_root() -> Path:
         return resolve_data_root()
     except FileNotFoundError as err:
         pytest.skip(f"real data not available: {err}")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of small tensors (``pytestmark = pytest.mark.usefixtures(...)``):
+    measured fastest here; several threads only spin on the shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,13 +34,7 @@ F32_TOL = {"atol": 2e-5, "rtol": 1e-4}
 CHANNELS = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These small tensors run fastest on one thread; several threads only spin on the shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(

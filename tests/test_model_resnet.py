@@ -30,13 +30,7 @@ F32_E2E_TOL = {"atol": 1e-4, "rtol": 1e-4}
 HEAD_NAMES = ["merge.0", "res1.0", "res2.0", "res2.2", "cls.0", "cls.3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One thread: measured faster here; several threads only spin on the shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_encoder() -> Res101Encoder:

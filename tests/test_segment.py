@@ -38,13 +38,7 @@ from tests.tiny_difd import tiny_difd
 CHAOS = "CHAOST2/chaos_MR_T2_normalized"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors: one thread is fastest on the shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def matching_difd(channels: int = 32, gain: float = 20.0, seed: int = 0):
