@@ -176,20 +176,26 @@ def crc_published_supervoxels_compare(ctx: Ctx) -> Expect:
     root = ctx.cmr_root()
     flip_silent_bit(ctx.image(root, "supervoxel", TRAIN_CASE))
     argv = ["--dataset", "CMR", "--data-root", root, "--ids", TRAIN_CASE]
-    return Expect(
-        _main(compare_published.main, argv), r"superpix-MIDDLE_13\.nii\.gz is corrupt", exit_code=2
-    )
+    return Expect(_main(compare_published.main, argv), r"superpix-MIDDLE_13\.nii\.gz is corrupt", exit_code=2)
+
+
+def preprocess_raw(
+    ctx: Ctx,
+    main: Callable[[list[str]], Any],
+    raw: Path,
+    message: str,
+    error: type[BaseException] = ValueError,
+) -> Expect:
+    """Run a preprocessing command on the raw folder ``raw``: it must fail with ``error`` and ``message``
+    and leave no output folder."""
+    out = ctx.tmp / "out"
+    return Expect(_main(main, ["--input", raw, "--output", out]), message, error=error, absent=[out])
 
 
 def crc_raw_cmr_image(ctx: Ctx) -> Expect:
     raw, image, _ = ctx.cmr_raw()
     flip_silent_bit(image)
-    out = ctx.tmp / "out"
-    return Expect(
-        _main(cmr.main, ["--input", raw, "--output", out]),
-        r"patient13_C0\.nii\.gz is corrupt",
-        absent=[out],
-    )
+    return preprocess_raw(ctx, cmr.main, raw, r"patient13_C0\.nii\.gz is corrupt")
 
 
 # ----------------------------------------------------------------------------- 2. raw preprocessing inputs
@@ -198,66 +204,41 @@ def crc_raw_cmr_image(ctx: Ctx) -> Expect:
 def truncated_raw_cmr_label(ctx: Ctx) -> Expect:
     raw, _, label = ctx.cmr_raw()
     truncate(label, 0.8)
-    out = ctx.tmp / "out"
-    return Expect(
-        _main(cmr.main, ["--input", raw, "--output", out]),
-        r"patient13_C0_manual\.nii\.gz is truncated",
-        absent=[out],
-    )
+    return preprocess_raw(ctx, cmr.main, raw, r"patient13_C0_manual\.nii\.gz is truncated")
 
 
 def truncated_raw_sabs_plain_nii(ctx: Ctx) -> Expect:
     raw, image, _ = ctx.sabs_raw(".nii")
     truncate(image, 0.6)
-    out = ctx.tmp / "out"
-    return Expect(
-        _main(sabs.main, ["--input", raw, "--output", out]), r"img0001\.nii is truncated", absent=[out]
-    )
+    return preprocess_raw(ctx, sabs.main, raw, r"img0001\.nii is truncated")
 
 
 def nan_raw_cmr_image(ctx: Ctx) -> Expect:
     raw, image, _ = ctx.cmr_raw()
     put_voxels(image, {(3, 100, 120): np.nan})
-    out = ctx.tmp / "out"
-    return Expect(
-        _main(cmr.main, ["--input", raw, "--output", out]),
-        r"patient13_C0\.nii\.gz: 1 non-finite voxel\(s\).*NaN 1.*index \(3, 100, 120\)",
-        absent=[out],
+    return preprocess_raw(
+        ctx, cmr.main, raw, r"patient13_C0\.nii\.gz: 1 non-finite voxel\(s\).*NaN 1.*index \(3, 100, 120\)"
     )
 
 
 def nan_raw_sabs_float_label(ctx: Ctx) -> Expect:
     raw, _, label = ctx.sabs_raw()
     put_voxels(label, {(0, 0, 0): np.nan, (9, 200, 7): -np.inf})
-    out = ctx.tmp / "out"
-    return Expect(
-        _main(sabs.main, ["--input", raw, "--output", out]),
-        r"label0001\.nii\.gz: 2 non-finite voxel\(s\).*NaN 1, \+Inf 0, -Inf 1",
-        absent=[out],
+    return preprocess_raw(
+        ctx, sabs.main, raw, r"label0001\.nii\.gz: 2 non-finite voxel\(s\).*NaN 1, \+Inf 0, -Inf 1"
     )
 
 
 def truncated_chaos_png(ctx: Ctx) -> Expect:
     t2spir = _write_chaos_case(ctx.tmp / "raw")
     truncate(sorted((t2spir / "Ground").glob("*.png"))[2])
-    out = ctx.tmp / "out"
-    return Expect(
-        _main(chaos.main, ["--input", ctx.tmp / "raw", "--output", out]),
-        r"cannot read .*IMG-0004-00003\.png",
-        absent=[out],
-    )
+    return preprocess_raw(ctx, chaos.main, ctx.tmp / "raw", r"cannot read .*IMG-0004-00003\.png")
 
 
 def truncated_chaos_dicom(ctx: Ctx) -> Expect:
     t2spir = _write_chaos_case(ctx.tmp / "raw")
     truncate(sorted((t2spir / "DICOM_anon").glob("*.dcm"))[1], 0.7)
-    out = ctx.tmp / "out"
-    return Expect(
-        _main(chaos.main, ["--input", ctx.tmp / "raw", "--output", out]),
-        r"IMG-0004-00002\.dcm",
-        error=RuntimeError,
-        absent=[out],
-    )
+    return preprocess_raw(ctx, chaos.main, ctx.tmp / "raw", r"IMG-0004-00002\.dcm", error=RuntimeError)
 
 
 def truncated_volume(ctx: Ctx) -> Expect:
