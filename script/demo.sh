@@ -19,8 +19,8 @@
 #   DIFD_DEMO_STEPS        training steps (CPU default 800, CUDA 40000)
 #   DIFD_DEMO_SIZE         slice size used for training and testing (CPU default 64, CUDA native)
 #   DIFD_DEMO_LR           SGD learning rate (default the official 0.001; 0.01 collapsed to all-background)
-#   DIFD_DEMO_PRECISION    fp32 (default, the faithful numerics) or bf16 (autocast forward: about 2x faster
-#                          per CPU step where the CPU has bfloat16 instructions, the same losses)
+#   DIFD_DEMO_PRECISION    fp32 (default, the faithful numerics) or bf16 (bfloat16 autocast of the forward,
+#                          losses in float32: 1.6-2x faster per step on a CPU with bfloat16 instructions)
 #   DIFD_DEMO_VALIDATE_EVERY  steps between validations (CPU default 100, CUDA 2000; 0 turns it off)
 #   DIFD_DEMO_VALIDATE_CASES  query volumes of fold 0 validated (default 2)
 #   DIFD_DEMO_CASES, DIFD_DEMO_SLICES, DIFD_DEMO_PHANTOM_SIZE, DIFD_DEMO_SEED   phantom size and seed
