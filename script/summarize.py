@@ -140,7 +140,7 @@ def final_validations(directory: Path) -> dict[int, dict[str, Any]]:
     return found
 
 
-def collect(paths: list[Path]) -> tuple[dict[int, Evaluation], list[str], list[str]]:
+def collect(paths: list[Path]) -> tuple[dict[int, Evaluation], dict[int, str], list[str]]:
     """The evaluation reported per fold, the flags (folds whose newest evaluation did not complete) and
     notes (runs left out).
 
@@ -166,7 +166,7 @@ def collect(paths: list[Path]) -> tuple[dict[int, Evaluation], list[str], list[s
                 continue
             by_fold.setdefault(evaluation.fold, []).append(evaluation)
     chosen: dict[int, Evaluation] = {}
-    flags: list[str] = []
+    flags: dict[int, str] = {}
     for fold, evaluations in sorted(by_fold.items()):
         explicit = [e for e in evaluations if e.explicit]
         if len(explicit) > 1:
@@ -178,10 +178,10 @@ def collect(paths: list[Path]) -> tuple[dict[int, Evaluation], list[str], list[s
             chosen[fold] = usable[-1]
         if not newest.usable:
             row = f"its row comes from {usable[-1].folder}" if usable else "no evaluation completed: no row"
-            flags.append(f"fold {fold}: the newest evaluation, {newest.folder}, {newest.describe()}; {row}")
+            flags[fold] = f"fold {fold}: the newest evaluation, {newest.folder}, {newest.describe()}; {row}"
         notes += [f"fold {fold}: using {chosen[fold].folder}, ignoring {e.folder}" for e in usable[:-1]]
     if not chosen:
-        raise ValueError("no completed evaluation to summarise:\n  " + "\n  ".join(flags))
+        raise ValueError("no completed evaluation to summarise:\n  " + "\n  ".join(flags.values()))
     datasets = {e.results["dataset"] for e in chosen.values()}
     class_lists = {tuple(e.results["classes"]) for e in chosen.values()}
     if len(datasets) > 1 or len(class_lists) > 1:
@@ -234,16 +234,24 @@ def _number(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def to_markdown(
-    header: list[str],
-    rows: list[list[Any]],
-    val_header: list[str],
-    val_rows: list[list[float | None]],
-    sources: list[str],
-    flags: dict[str, str],
-    title: str,
-) -> str:
+@dataclass
+class SummaryTable:
+    """What both renderings show: :func:`summary_rows` and :func:`validation_rows` (one row per fold, then
+    ``mean`` and ``std``), the evaluation folder of each fold and the flags by fold name."""
+
+    title: str
+    header: list[str]
+    rows: list[list[Any]]
+    val_header: list[str]
+    val_rows: list[list[float | None]]
+    sources: list[str]
+    flags: dict[str, str]
+
+
+def to_markdown(table: SummaryTable) -> str:
     """Per-fold rows (test Dice, final validation, evaluation folder), a ``mean ± std`` row, the flags."""
+    header, rows, val_header, val_rows = table.header, table.rows, table.val_header, table.val_rows
+    sources, flags, title = table.sources, table.flags, table.title
     columns = header + val_header + ["evaluation"]
     lines = [f"**{title}** (Dice %, mean ± std over {len(rows) - 2} fold(s))", ""]
     lines.append("| " + " | ".join(columns) + " |")
@@ -269,16 +277,11 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
-def to_csv(
-    header: list[str],
-    rows: list[list[Any]],
-    val_header: list[str],
-    val_rows: list[list[float | None]],
-    sources: list[str],
-    flags: dict[str, str],
-) -> str:
+def to_csv(table: SummaryTable) -> str:
     """The same rows as CSV with full precision (``mean`` and ``std`` as separate rows), the evaluation
     folder and the flag of each fold."""
+    header, rows, val_header, val_rows = table.header, table.rows, table.val_header, table.val_rows
+    sources, flags = table.sources, table.flags
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header + val_header + ["evaluation", "warning"])
@@ -309,13 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-csv", type=Path, help="write the CSV table here")
     args = parser.parse_args(argv)
 
-    chosen, flag_lines, notes = collect(args.paths)
+    chosen, flags, notes = collect(args.paths)
     for note in notes:
         print(note, file=sys.stderr)
-    for flag in flag_lines:
+    for flag in flags.values():
         print(f"warning: {flag}", file=sys.stderr)
     folds = sorted(chosen)
-    flags = {line.split(":", 1)[0].removeprefix("fold "): line for line in flag_lines}
     validations: dict[int, dict[str, Any]] = {}
     for path in args.paths:
         if path.is_dir():
@@ -327,8 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{first['dataset']}" + (f", setting {setting}" if setting is not None else "")
     header, rows = summary_rows({fold: chosen[fold].results for fold in folds})
     val_header, val_rows = validation_rows(folds, validations)
-    markdown = to_markdown(header, rows, val_header, val_rows, sources, flags, title)
-    table_csv = to_csv(header, rows, val_header, val_rows, sources, flags)
+    table = SummaryTable(
+        title, header, rows, val_header, val_rows, sources, {str(fold): flag for fold, flag in flags.items()}
+    )
+    markdown, table_csv = to_markdown(table), to_csv(table)
     out_md, out_csv = args.out_md, args.out_csv
     if out_md is None and out_csv is None and len(args.paths) == 1 and args.paths[0].is_dir():
         out_md, out_csv = args.paths[0] / "summary.md", args.paths[0] / "summary.csv"
