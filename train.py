@@ -348,6 +348,7 @@ class Monitor:
         self.n_running = 0
         self.lr = float("nan")
         self.history: dict[str, dict[str, list]] = {}  # metrics.json's layout, for progress.png
+        self.undrawn = False  # values recorded since progress.png was last drawn
         self.postfix: dict[str, str] = {}
         self.picture: Path | None = output_dir(_run, cfg, "train") / "progress.png"
         if self.main and (reason := missing_matplotlib()):
@@ -377,6 +378,7 @@ class Monitor:
         series = self.history.setdefault(name, {"steps": [], "values": []})
         series["steps"].append(step)
         series["values"].append(value)
+        self.undrawn = True
 
     def log(self, step: int, stop_requested: bool) -> bool:
         """Log the mean loss terms since the last logging step (the one sync); returns whether any rank
@@ -417,9 +419,11 @@ class Monitor:
         self.draw()
 
     def draw(self) -> None:
-        """Rewrite ``progress.png`` (atomically) from what was logged so far."""
-        if self.main and self.picture is not None and self.history:
+        """Rewrite ``progress.png`` (atomically) from what was logged so far, unless nothing was logged since
+        the last drawing (a validation and a snapshot at the same step draw once)."""
+        if self.main and self.picture is not None and self.undrawn:
             draw_progress(self.history, self.picture, self.title)
+            self.undrawn = False
 
     def close(self) -> None:
         self.progress.close()
