@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from checkpoint import load_model_weights, recorded_config
+from checkpoint import load_model_weights, read_model_checkpoint
 from config import cross_evaluation, evaluated_checkpoint, ex, output_dir
 from dataloaders import TestDataset, get_dataset_info
 from dataloaders.test_dataset import check_fold_classes
@@ -97,7 +97,8 @@ def test(_run, _log, _config) -> float:
     labels = info.validate_labels(cfg["test_label"], "test_label")
     root = resolve_data_root(cfg["data_root"])
     checkpoint = evaluated_checkpoint(cfg)
-    checkpoint_config = recorded_config(checkpoint)
+    weights = read_model_checkpoint(checkpoint)  # verified and read once: its config, then its weights
+    checkpoint_config = weights.config
     crossed = cross_evaluation(checkpoint_config, cfg)
     if crossed:
         _log.warning(f"cross-evaluation (allow_cross_eval=True): {crossed}")
@@ -112,7 +113,7 @@ def test(_run, _log, _config) -> float:
             region_sampling=cfg["region_sampling"],
             multi_shot=cfg["multi_shot"],
         )
-    load_model_weights(model, checkpoint)
+    load_model_weights(model, weights)
     apply_memory_format(model.to(torch_device), cfg["channels_last"]).eval()
     out_dir = output_dir(_run, cfg, "test")
     _log.info(f"checkpoint {checkpoint}; device {torch_device}; outputs in {out_dir}")
