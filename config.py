@@ -43,12 +43,14 @@ from sacred import Experiment
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from checkpoint import latest_snapshot, recorded_config
 from dataloaders.datasets import get_dataset_info
 from dataloaders.train_dataset import EXCLUSION_MODES
+from engine.runtime import LOSS_TERMS, PRECISIONS, SGD_IMPLS
+from engine.snapshots import latest_snapshot
 from models.difd import MULTI_SHOT
 from models.dual_interspersion import REGION_SAMPLING
-from runtime import LOSS_TERMS, PRECISIONS, SGD_IMPLS
+from models.encoder import PRETRAINED
+from models.weights import recorded_config
 from utils import resolve_data_root, resolve_device
 
 # 'sys' capture works everywhere (the default 'fd' spawns `tee`); tqdm's carriage returns are collapsed.
@@ -60,19 +62,35 @@ ex.captured_out_filter = apply_backspaces_and_linefeeds
 #: Commands (main functions) that own a run folder: ``train`` in train.py, ``test`` in test.py.
 RUN_COMMANDS = ("train", "test")
 
-#: torchvision's checkpoints for ``pretrained_weights``: file name (in ``torch.hub.get_dir()/checkpoints``
-#: when ``pretrained_path`` is None) and download address.
-PRETRAINED_FILES = {
-    "deeplabv3": (
-        "deeplabv3_resnet101_coco-586e9e4e.pth",
-        "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth",
-    ),
-    "resnet101": ("resnet101-63fe2227.pth", "https://download.pytorch.org/models/resnet101-63fe2227.pth"),
-}
-
 #: Keys whose value in the evaluated snapshot must equal the evaluation's (unless ``allow_cross_eval``):
 #: another fold's model would be scored on its own training volumes.
 CROSS_EVAL_KEYS = ("dataset", "eval_fold", "setting", "image_size")
+
+#: Keys a resumed run may change (train.py's resume): where the run executes, how it is watched and where
+#: it writes, none of which changes the maths of a training step. Every other key must equal the
+#: snapshot's, so that a new key is protected by default.
+RESUME_MAY_DIFFER = (
+    "mode",
+    "device",
+    "num_workers",
+    "deterministic",
+    "data_root",
+    "path",
+    "exp_str",
+    "resume",
+    "print_interval",
+    "save_snapshot_every",
+    "validate_every",
+    "validate_cases",
+    "validate_labels",
+    "supp_idx",
+    "n_part",
+    "reload_model_path",
+    "allow_cross_eval",
+    "pretrained_path",
+)
+#: Values of keys in snapshots written before those keys existed (what the runs then did).
+KEYS_ADDED_LATER = {"precision": "fp32", "channels_last": False, "sgd_impl": None}
 
 
 @ex.config
@@ -87,18 +105,18 @@ def base_config():
     # data
     data_root = None  # None: $DIFD_DATA_ROOT, then ../shared/data (utils.resolve_data_root)
     dataset = "CHAOST2"  # 'CHAOST2' (Abd-MRI), 'SABS' (Abd-CT), 'CMR' (Card-MRI)
-    eval_fold = 0  # 0-4, 5-fold cross-validation (spec section 1)
+    eval_fold = 0  # 0-4, 5-fold cross-validation (method.md §1)
     setting = 1  # 1: supervoxels of every training volume; 2: slices holding a test class removed
-    test_label = list(get_dataset_info(dataset).test_labels)  # classes evaluated (spec section 5)
+    test_label = list(get_dataset_info(dataset).test_labels)  # classes evaluated (method.md §5)
     exclude_label = list(test_label) if setting == 2 else None  # setting 2: labels whose slices are removed
     exclusion = "any"  # 'any' (protocol: drop a slice holding any excluded label) or 'all' (official AND)
     use_gt = False  # train on ground-truth labels instead of supervoxels
     n_sv = get_dataset_info(dataset).n_sv  # supervoxel size: reads <data_root>/<dataset>/supervoxels_<n_sv>
-    min_size = 200  # minimum class pixels on the first two episode slices (spec section 3, step 4)
+    min_size = 200  # minimum class pixels on the first two episode slices (method.md §3, step 4)
     image_size = None  # None: native slices (256, SABS 257); an int resizes slices (tests, debug)
     max_volumes = None  # None: every training volume; an int keeps the first ones (debug only)
 
-    # evaluation (spec section 5)
+    # evaluation (method.md §5)
     supp_idx = 0  # support volume = supp_idx-th volume of the fold (official scripts: 2)
     n_part = 3  # support slices / query chunks
     reload_model_path = None  # test.py: checkpoint to evaluate; None = newest snapshot of the run folder
@@ -109,7 +127,7 @@ def base_config():
     validate_cases = 2  # the first query volumes of the fold used (None: all of them)
     validate_labels = None  # classes validated (None: test_label)
 
-    # training (spec sections 3 and 4.7)
+    # training (method.md §3 and §4.7)
     n_steps = 1000  # official config default (official scripts: 40000)
     max_iters_per_load = 1000  # "epoch" length: MultiStepLR milestones every max_iters_per_load steps
     batch_size = 1  # episodes per step
@@ -123,7 +141,7 @@ def base_config():
     save_snapshot_every = 1000  # steps between snapshots (one is also written at the end)
     resume = False  # continue from the newest snapshot of this run folder
 
-    # model (spec section 4; models.build_difd)
+    # model (method.md §4; models.build_difd)
     pretrained_weights = "deeplabv3"  # 'deeplabv3' (COCO DeepLabV3-ResNet101), 'resnet101' (ImageNet), None
     pretrained_path = None  # None: torchvision's file name in torch.hub.get_dir()/checkpoints
     decoder_extra_maps = False  # True: 2C+3 decoder input, loads official 1027-channel checkpoints
@@ -234,12 +252,11 @@ def resolve_pretrained_path(pretrained_weights: str | None, pretrained_path: str
     """
     if pretrained_weights is None:
         return None
-    if pretrained_weights not in PRETRAINED_FILES:
+    if pretrained_weights not in PRETRAINED:
         raise ValueError(
-            f"pretrained_weights: expected None or one of {sorted(PRETRAINED_FILES)}, "
-            f"found {pretrained_weights!r}"
+            f"pretrained_weights: expected None or one of {sorted(PRETRAINED)}, found {pretrained_weights!r}"
         )
-    file_name, url = PRETRAINED_FILES[pretrained_weights]
+    file_name, url = PRETRAINED[pretrained_weights].file_name, PRETRAINED[pretrained_weights].url
     path = Path(pretrained_path or Path(torch.hub.get_dir()) / "checkpoints" / file_name).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -276,6 +293,17 @@ def cross_evaluation(recorded: dict[str, Any] | None, config: dict[str, Any]) ->
         key: {"checkpoint": recorded.get(key), "evaluation": config[key]}
         for key in CROSS_EVAL_KEYS
         if recorded.get(key) != config[key]
+    }
+
+
+def resume_differences(saved: dict[str, Any], config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The keys, other than :data:`RESUME_MAY_DIFFER`, whose value in a snapshot's ``saved`` config
+    differs from ``config``'s: ``{key: (snapshot's, now)}``."""
+    saved = {**KEYS_ADDED_LATER, **saved}
+    return {
+        key: (saved.get(key), value)
+        for key, value in config.items()
+        if key not in RESUME_MAY_DIFFER and saved.get(key) != value
     }
 
 
@@ -385,7 +413,7 @@ def check_values(config: dict[str, Any]) -> None:
             weight = config["loss_weights"][term]
             need(_is_number(weight) and weight >= 0, f"loss_weights.{term}", "a number >= 0")
     need(_is_int(config["validate_every"]) and config["validate_every"] >= 0, "validate_every", "an int >= 0")
-    one_of("pretrained_weights", (None, *PRETRAINED_FILES))
+    one_of("pretrained_weights", (None, *PRETRAINED))
     one_of("region_sampling", REGION_SAMPLING)
     one_of("multi_shot", MULTI_SHOT)
     one_of("precision", PRECISIONS)

@@ -28,10 +28,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dataloaders import Volume
 from inference.outputs import write_json, write_label_map, write_overlays
+from inference.prediction import DEFAULT_BATCH_SIZE
 from inference.presets import PRESETS
-from inference.segmenter import DEFAULT_BATCH_SIZE, Segmenter, check_labels, check_support
-from inference.volumes import AxisMap, Volume, read_scan, scan_name
+from inference.scans import (
+    check_labels,
+    check_query,
+    check_slice_axis,
+    check_support,
+    read_scan,
+    scan_name,
+)
+from inference.segmenter import Segmenter
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -131,20 +140,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
     ranges = ranges * len(args.query) if len(ranges) == 1 else ranges
 
-    # Every input is read and checked before the model is loaded and before anything is written.
+    # Every input is read and checked before anything is written (the checks of the library itself).
     series = tuple(args.series)
+    sources = (str(args.support_image), str(args.support_label))
     support_image = read_scan(args.support_image, series)
     support_label = read_scan(args.support_label, series, constant_ok=True)
-    check_support(support_image, support_label, labels, (str(args.support_image), str(args.support_label)))
+    check_support(support_image, support_label, labels, sources)
+    # Each query is read here to check it and again later to segment it, so that memory holds one at a time.
     directions = {}
     for query, query_range in zip(args.query, ranges, strict=True):
         scan = read_scan(query, series)
+        check_query(scan, query_range, None, query)
         directions[query] = scan.geometry.direction
-        depth = scan.shape[0]
-        if query_range is not None and query_range[1] > depth:
-            raise ValueError(
-                f"{query}: query range {query_range[0]}:{query_range[1]} is outside its {depth} slices"
-            )
 
     clock = time.perf_counter()
     segmenter = Segmenter.from_checkpoint(
@@ -157,18 +164,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     load_seconds = time.perf_counter() - clock
     for query, query_range in zip(args.query, ranges, strict=True):
-        layout = AxisMap.closest(directions[query], segmenter.preset.direction)
-        if query_range is not None and not args.keep_orientation and not layout.keeps_slice_axis:
-            raise ValueError(
-                f"{query}: its slice axis is not the model's ({segmenter.preset.name} layout), so "
-                "--query-range does not select model slices; omit it for this query"
-            )
+        layout = segmenter.preset.layout(directions[query], not args.keep_orientation)
+        check_slice_axis(query_range, layout, query)
     support = segmenter.prepare_support(
-        support_image,
-        support_label,
-        labels,
-        reorient=not args.keep_orientation,
-        sources=(str(args.support_image), str(args.support_label)),
+        support_image, support_label, labels, reorient=not args.keep_orientation, sources=sources
     )
     args.out.mkdir(parents=True, exist_ok=True)
     report_path.unlink(missing_ok=True)  # a stale report must not describe this run's outputs

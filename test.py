@@ -1,4 +1,4 @@
-"""Evaluation of a trained DIFD model on one fold (spec section 5; protocol of Ouyang et al.).
+"""Evaluation of a trained DIFD model on one fold (method.md §5; protocol of Ouyang et al.).
 
 Examples::
 
@@ -7,7 +7,7 @@ Examples::
 
 For each class of ``test_label``: the support volume is the ``supp_idx``-th of the fold, the others are
 queries; each query chunk is predicted in one batched forward, Dice and IoU are computed per query volume
-over its labelled slices and averaged per class (:func:`evaluation.evaluate_class`, the code path the
+over its labelled slices and averaged per class (:func:`engine.evaluation.evaluate_class`, the code path the
 validation during training uses too). This script adds the saved outputs, in the Sacred run folder
 ``<path.log_dir>/<exp_str>/fold<k>/test/<id>/``:
 
@@ -29,22 +29,19 @@ run that fails part-way removes the predictions and overlays it wrote and writes
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from checkpoint import load_model_weights, read_model_checkpoint
 from config import cross_evaluation, evaluated_checkpoint, ex, output_dir
 from dataloaders import TestDataset, get_dataset_info
 from dataloaders.test_dataset import check_fold_classes
-from evaluation import evaluate_class, save_overlay, save_prediction_nifti
-from models import build_difd
-from runtime import apply_memory_format
-from utils import resolve_data_root, resolve_device, set_seed
+from engine.evaluation import evaluate_class, save_overlay, save_prediction_nifti
+from engine.runtime import apply_memory_format
+from models import load_difd, read_model_checkpoint
+from utils import resolve_data_root, resolve_device, set_seed, write_atomically
 
 #: Subfolders of the run folder that hold per-volume outputs (removed again when the run fails).
 OUTPUT_FOLDERS = ("predictions", "overlays")
@@ -63,7 +60,8 @@ def _results_table(results: dict[str, Any]) -> str:
 
 
 def _save_outputs(out_dir: Path, name: str, _log):
-    """The per-query callback of :func:`evaluation.evaluate_class`: NIfTI prediction, overlay, log line."""
+    """The per-query callback of :func:`engine.evaluation.evaluate_class`: NIfTI prediction, overlay, log
+    line."""
 
     def save(query: dict[str, Any], pred: torch.Tensor, dice: float, iou: float) -> None:
         case_id = query["case_id"]
@@ -104,16 +102,12 @@ def test(_run, _log, _config) -> float:
         _log.warning(f"cross-evaluation (allow_cross_eval=True): {crossed}")
     check_fold_classes(info, root, cfg["eval_fold"], labels, cfg["supp_idx"])
 
-    with warnings.catch_warnings():
-        # The encoder warns that it is randomly initialised: the checkpoint overwrites every weight.
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-        model = build_difd(
-            pretrained_weights=None,
-            decoder_extra_maps=cfg["decoder_extra_maps"],
-            region_sampling=cfg["region_sampling"],
-            multi_shot=cfg["multi_shot"],
-        )
-    load_model_weights(model, weights)
+    model, _ = load_difd(
+        weights,
+        decoder_extra_maps=cfg["decoder_extra_maps"],
+        region_sampling=cfg["region_sampling"],
+        multi_shot=cfg["multi_shot"],
+    )
     apply_memory_format(model.to(torch_device), cfg["channels_last"]).eval()
     out_dir = output_dir(_run, cfg, "test")
     _log.info(f"checkpoint {checkpoint}; device {torch_device}; outputs in {out_dir}")
@@ -152,9 +146,7 @@ def test(_run, _log, _config) -> float:
     results["mean_iou"] = sum(e["mean_iou"] for e in per_class) / len(per_class)
     results["config"] = cfg
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".results.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out_dir / "results.json")
+    write_atomically(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     table = _results_table(results)
     _log.info(f"{cfg['dataset']} fold {cfg['eval_fold']}, supp_idx {cfg['supp_idx']}:\n{table}")
     _log.info(f"wrote {out_dir / 'results.json'}")

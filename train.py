@@ -1,4 +1,4 @@
-"""Self-supervised episodic training of DIFD (spec sections 3 and 4.7).
+"""Self-supervised episodic training of DIFD (method.md §3 and §4.7).
 
 Examples::
 
@@ -13,25 +13,28 @@ resolves the device once, seeds every generator, reads every training volume (Tr
 validation volumes, builds the model, optimiser (SGD) and MultiStepLR; :func:`resume` loads the newest
 snapshot when asked; then the loop. The loss terms are accumulated on the device and synchronised only
 every ``print_interval`` steps, when they and the learning rate are logged to Sacred (``metrics.json``), to
-the log and to the progress bar (:class:`Monitor`).
+the log and to the progress bar (:class:`engine.monitor.Monitor`).
 
 Validation (``validate_every`` steps, 0 = off, and at the last step): the evaluation protocol of
-``test.py`` (:func:`evaluation.validate`) on the first ``validate_cases`` query volumes of the fold for every
-class of ``validate_labels`` (default ``test_label``), at the training ``image_size``, in eval mode, on rank
+``test.py`` (:func:`engine.evaluation.validate`) on the first ``validate_cases`` query volumes of the fold
+for every class of ``validate_labels`` (default ``test_label``), at the training ``image_size``, in eval
+mode, on rank
 0; the global RNG states are restored afterwards, so a run with validation follows the loss trajectory of
 one without. Logged as ``val_dice_<CLASS>`` and ``val_dice_mean``. These are the fold's TEST volumes: the
 curve is for monitoring, never for choosing the snapshot of a reported number. ``progress.png`` in the
 Sacred run folder (``fold<k>/train/<id>/``) is redrawn at every validation and every snapshot
-(:mod:`progress`; ``script/plot_run.py`` redraws it from ``metrics.json``).
+(:mod:`engine.progress`; ``script/plot_run.py`` redraws it from ``metrics.json``).
 
 Exact resume: episode ``i`` is a function of ``(seed, i)`` only (TrainDataset), the DataLoader's sampler
 starts at ``step * batch_size`` and owns its generator, and a snapshot holds the model, optimiser,
 scheduler, step and global RNG states, so a resumed run follows the loss trajectory of an uninterrupted
-one. The first Ctrl-C (SIGINT) finishes the current step, writes a snapshot and stops with the one line
+one. A resume refuses a snapshot trained with other values of any key but those of
+:data:`config.RESUME_MAY_DIFFER` (a new key is protected by default). The first Ctrl-C (SIGINT) finishes
+the current step, writes a snapshot and stops with the one line
 "stopped at step N; continue with resume=True" (Sacred status INTERRUPTED, exit by SIGINT); a second one
 stops at once.
 
-Speed switches (defaults: the faithful numerics; :mod:`runtime`): ``precision='bf16'`` runs the model's
+Speed switches (defaults: the faithful numerics; :mod:`engine.runtime`): ``precision='bf16'`` runs the model's
 forward under bfloat16 autocast (the losses stay float32), ``channels_last=True`` stores the convolution
 weights NHWC, ``sgd_impl='foreach'|'fused'`` picks SGD's multi-tensor or fused kernels.
 
@@ -41,8 +44,9 @@ episodes, rank ``r`` takes the ``r``-th slice of ``batch_size`` of them, compute
 single process would and DDP averages the K gradients. Rank 0 alone writes the Sacred run folder, the
 logged losses (averaged over the ranks at the logging step, the only synchronisation), the validation and
 the snapshots (of the unwrapped model). Each rank draws its dropout masks from its own stream
-(runtime.seed_ranks); a snapshot records the world size and every rank's RNG state, and a resume must use
-the same world size. Under torchrun a SIGINT stops at the next logging step (the ranks agree on it there).
+(engine.runtime.seed_ranks); a snapshot records the world size and every rank's RNG state, and a resume
+must use the same world size. Under torchrun a SIGINT stops at the next logging step (the ranks agree on it
+there).
 """
 
 from __future__ import annotations
@@ -51,7 +55,6 @@ import json
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,24 +64,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from checkpoint import (
-    capture_rng_state,
-    latest_snapshot,
-    load_resume_snapshot,
-    remove_stale_temporaries,
-    restore_training_state,
-    save_snapshot,
-)
-from config import ex, output_dir, resolve_pretrained_path, run_folder
+from config import ex, output_dir, resolve_pretrained_path, resume_differences, run_folder
 from dataloaders import TestDataset, TrainDataset, get_dataset_info, list_cases, worker_init_fn
 from dataloaders.test_dataset import check_fold_classes
-from evaluation import validate
-from models import DIFDLoss, build_difd
-from progress import draw_progress, missing_matplotlib
-from runtime import (
-    LOSS_TERMS,
+from engine.monitor import Monitor, StopRequest, TrainingStopped
+from engine.runtime import (
     DistributedContext,
     EpisodeIndices,
     apply_memory_format,
@@ -89,58 +80,15 @@ from runtime import (
     unwrap,
     wrap_distributed,
 )
-from utils import resolve_data_root, resolve_device, set_seed
-
-#: Config keys that decide the loss trajectory: a resumed run must use the snapshot's values.
-RESUME_MUST_MATCH = (
-    "seed",
-    "dataset",
-    "eval_fold",
-    "setting",
-    "test_label",
-    "exclude_label",
-    "exclusion",
-    "use_gt",
-    "n_sv",
-    "min_size",
-    "image_size",
-    "max_volumes",
-    "n_steps",
-    "max_iters_per_load",
-    "batch_size",
-    "n_shot",
-    "n_query",
-    "lr_step_gamma",
-    "optim",
-    "loss_weights",
-    "pretrained_weights",
-    "decoder_extra_maps",
-    "region_sampling",
-    "multi_shot",
-    "precision",
-    "channels_last",
-    "sgd_impl",
-)
-
-#: Values of the speed keys in snapshots written before those keys existed (the faithful numerics).
-SPEED_KEY_DEFAULTS = {"precision": "fp32", "channels_last": False, "sgd_impl": None}
-
-
-class TrainingStopped(KeyboardInterrupt):
-    """A graceful stop (first Ctrl-C) after the snapshot of ``step`` was written.
-
-    A ``KeyboardInterrupt``, so that Sacred records the run as INTERRUPTED; ``__main__`` prints its one line
-    instead of a traceback.
-    """
-
-    def __init__(self, step: int) -> None:
-        super().__init__(f"stopped at step {step}; continue with resume=True")
+from engine.snapshots import latest_snapshot, load_resume_snapshot, restore_training_state, save_snapshot
+from models import DIFDLoss, build_difd
+from utils import capture_rng_state, remove_stale_temporaries, resolve_data_root, resolve_device, set_seed
 
 
 def lr_milestones(n_steps: int, max_iters_per_load: int) -> list[int]:
     """MultiStepLR milestones: every ``max_iters_per_load`` steps strictly below ``n_steps``.
 
-    ``lr_milestones(40000, 10000) == [10000, 20000, 30000]`` (spec section 4.7).
+    ``lr_milestones(40000, 10000) == [10000, 20000, 30000]`` (method.md §4.7).
     """
     return list(range(max_iters_per_load, n_steps, max_iters_per_load))
 
@@ -200,7 +148,7 @@ def set_up(cfg: dict[str, Any], _log) -> Job:
     """Device, seeds, training and validation volumes, model, optimiser and scheduler."""
     dist_context, device = init_distributed(resolve_device(cfg["device"]))
     # Every rank builds the model from the same seed (same initial weights), then draws its dropout masks
-    # from its own stream (runtime.seed_ranks); snapshots keep every rank's RNG state.
+    # from its own stream (engine.runtime.seed_ranks); snapshots keep every rank's RNG state.
     set_seed(cfg["seed"], cfg["deterministic"])
     weights_file = resolve_pretrained_path(cfg["pretrained_weights"], cfg["pretrained_path"])
     root = resolve_data_root(cfg["data_root"])
@@ -284,14 +232,16 @@ def resume(job: Job, cfg: dict[str, Any], _log) -> int:
         _log.warning(f"resume=True but {job.snapshot_dir} holds no snapshot: starting at step 0")
         return 0
     newest, payload = load_resume_snapshot(job.snapshot_dir, _log)  # skips damaged ones, with a warning
-    saved = {**SPEED_KEY_DEFAULTS, **payload["config"]}
-    changed = {key: (saved.get(key), cfg[key]) for key in RESUME_MUST_MATCH if saved.get(key) != cfg[key]}
-    if saved.get("world_size", 1) != job.dist.world_size:
-        changed["world_size (torchrun processes)"] = (saved.get("world_size", 1), job.dist.world_size)
+    changed = resume_differences(payload["config"], cfg)
+    if payload["config"].get("world_size", 1) != job.dist.world_size:
+        changed["world_size (torchrun processes)"] = (
+            payload["config"].get("world_size", 1),
+            job.dist.world_size,
+        )
     if changed:
         raise ValueError(f"resume: these keys differ from the snapshot {newest} (snapshot, now): {changed}")
     step = restore_training_state(
-        payload, job.model, job.optimizer, job.scheduler, job.dist.rank if job.dist.enabled else None
+        newest, payload, job.model, job.optimizer, job.scheduler, job.dist.rank if job.dist.enabled else None
     )
     _log.info(f"resumed from {newest} at step {step}")
     return step
@@ -319,114 +269,6 @@ def episode_loader(job: Job, cfg: dict[str, Any], start_step: int) -> DataLoader
         # snapshot restores (else a resumed run's dropout masks would shift by one draw).
         generator=torch.Generator().manual_seed(cfg["seed"]),
     )
-
-
-class StopRequest:
-    """The first SIGINT sets :attr:`requested` (the loop stops after a snapshot); a second stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._request)
-
-    def _request(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-
-    def close(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
-
-
-class Monitor:
-    """Logging and validation phases: loss sums on the device, learning rate, Sacred metrics, log lines,
-    progress bar, validation and ``progress.png`` (rank 0 writes; the others only take part in the sync)."""
-
-    def __init__(self, _run, _log, cfg: dict[str, Any], job: Job, start_step: int) -> None:
-        self.run, self.logger, self.job = _run, _log, job
-        self.main = job.dist.is_main
-        # Loss sums, then one slot that counts the ranks asking to stop (summed over ranks when logging).
-        self.running = torch.zeros(len(LOSS_TERMS) + 1, device=job.device)
-        self.n_running = 0
-        self.lr = float("nan")
-        self.history: dict[str, dict[str, list]] = {}  # metrics.json's layout, for progress.png
-        self.undrawn = False  # values recorded since progress.png was last drawn
-        self.postfix: dict[str, str] = {}
-        self.picture: Path | None = output_dir(_run, cfg, "train") / "progress.png"
-        if self.main and (reason := missing_matplotlib()):
-            _log.warning(
-                f"no progress.png: {reason}; metrics.json holds every value it would show "
-                "(script/plot_run.py draws it where matplotlib is installed)"
-            )
-            self.picture = None
-        self.title = f"{cfg['dataset']} setting {cfg['setting']} fold {cfg['eval_fold']}"
-        self.progress = tqdm(
-            total=cfg["n_steps"],
-            initial=start_step,
-            desc=f"{cfg['dataset']} fold {cfg['eval_fold']}",
-            dynamic_ncols=True,
-            disable=not self.main,
-        )
-
-    def add(self, losses: torch.Tensor, lr: float) -> None:
-        """Accumulate one step's detached loss terms ``(5,)`` (no sync) and the learning rate it used."""
-        self.running[:-1] += losses
-        self.n_running += 1
-        self.lr = lr
-        self.progress.update(1)
-
-    def _record(self, name: str, value: float, step: int) -> None:
-        self.run.log_scalar(name, value, step)
-        series = self.history.setdefault(name, {"steps": [], "values": []})
-        series["steps"].append(step)
-        series["values"].append(value)
-        self.undrawn = True
-
-    def log(self, step: int, stop_requested: bool) -> bool:
-        """Log the mean loss terms since the last logging step (the one sync); returns whether any rank
-        asked to stop."""
-        if self.job.dist.enabled:
-            self.running[-1] = float(stop_requested)
-            dist.all_reduce(self.running)
-            self.running[:-1] /= self.job.dist.world_size
-        *means, n_stop = (self.running / self.n_running).tolist()
-        self.running.zero_()
-        self.n_running = 0
-        if self.main:
-            for name, value in zip(LOSS_TERMS, means, strict=True):
-                self._record(name, value, step)
-            self._record("lr", self.lr, step)
-            self.postfix.update({name: f"{value:.4f}" for name, value in zip(LOSS_TERMS, means, strict=True)})
-            self.progress.set_postfix(self.postfix)
-            terms = ", ".join(f"{name} {value:.5f}" for name, value in zip(LOSS_TERMS, means, strict=True))
-            self.logger.info(f"step {step}: {terms}, lr {self.lr:.3g}")
-        return n_stop > 0
-
-    def validate(self, step: int, model: nn.Module, precision: str) -> None:
-        """Validation Dice per class and mean (rank 0; the model is the unwrapped one), then the picture."""
-        if self.job.val_sets is None:
-            return
-        start = time.perf_counter()
-        dice = validate(model, self.job.val_sets, self.job.device, precision)
-        for name, value in dice.items():
-            self._record(f"val_dice_{name}", value, step)
-        self.postfix["val"] = f"{100 * dice['mean']:.1f}%"
-        self.progress.set_postfix(self.postfix)
-        n_cases = len(next(iter(self.job.val_sets.values())))
-        scores = ", ".join(f"{name} {100 * value:.2f} %" for name, value in dice.items())
-        self.logger.info(
-            f"step {step} validation ({n_cases} query volume(s), "
-            f"{time.perf_counter() - start:.1f} s): {scores}"
-        )
-        self.draw()
-
-    def draw(self) -> None:
-        """Rewrite ``progress.png`` (atomically) from what was logged so far, unless nothing was logged since
-        the last drawing (a validation and a snapshot at the same step draw once)."""
-        if self.main and self.picture is not None and self.undrawn:
-            draw_progress(self.history, self.picture, self.title)
-            self.undrawn = False
-
-    def close(self) -> None:
-        self.progress.close()
 
 
 def save_snapshot_all_ranks(job: Job, step: int, config: dict[str, Any], _log) -> None:
@@ -462,7 +304,19 @@ def train(_run, _log, _config) -> str:
     # Wrapped after loading, so the snapshot's (unprefixed) state dict loads into the plain model.
     model = job.model = wrap_distributed(job.model, job.dist, job.device)
     snapshot_config = {**cfg, "world_size": job.dist.world_size}
-    monitor, stop = Monitor(_run, _log, cfg, job, start_step), StopRequest()
+    monitor = Monitor(
+        _run,
+        _log,
+        job.dist,
+        job.device,
+        job.val_sets,
+        picture=output_dir(_run, cfg, "train") / "progress.png",
+        title=f"{cfg['dataset']} setting {cfg['setting']} fold {cfg['eval_fold']}",
+        bar_label=f"{cfg['dataset']} fold {cfg['eval_fold']}",
+        n_steps=n_steps,
+        start_step=start_step,
+    )
+    stop = StopRequest()
     try:
         for step, batch in enumerate(episode_loader(job, cfg, start_step), start=start_step + 1):
             losses = training_step(model, job.loss_fn, job.optimizer, batch, job.device, cfg["precision"])

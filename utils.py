@@ -1,18 +1,31 @@
-"""Process-level helpers: seeding, device resolution and the data-root resolver.
+"""The bottom layer: seeding, device resolution, the data-root resolver and the one atomic file write.
 
 These are the only places where global random state is touched or where a device name is turned into a
 ``torch.device``; library code (``models/``, ``dataloaders/``) takes its device from its inputs and its
-randomness from local generators.
+randomness from local generators. This module imports nothing of the project, so every layer above may use
+it (``models/`` does not: it stays self-contained).
+
+Every file the project writes (snapshots, NIfTI volumes, JSON, PNG pictures) goes through
+:func:`write_atomically`: a hidden temporary beside the target, flushed to disk, optionally verified, then
+renamed onto the target, so a reader never sees a half-written file and a process killed while writing
+leaves only a temporary that :func:`remove_stale_temporaries` recognises.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 #: Environment variable consulted by :func:`resolve_data_root` when no data root is configured.
 DATA_ROOT_ENV = "DIFD_DATA_ROOT"
@@ -27,11 +40,36 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     ``deterministic`` switches ``cudnn.deterministic`` on and ``cudnn.benchmark`` off together (and the
     reverse when False), never the contradictory pair the official code sets.
     """
+    import torch  # here, not at the top: the file helpers below serve tools that start without torch
+
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - legacy global state is what third-party code draws from
     torch.manual_seed(seed)  # also seeds every CUDA device
     torch.backends.cudnn.deterministic = bool(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global random states a training step consumes (Python, NumPy, torch CPU, every CUDA device)."""
+    import torch
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),  # noqa: NPY002 (the legacy global state is what is saved)
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states are restored only when CUDA is present)."""
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002 (restores the legacy global state)
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -40,6 +78,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     ``'auto'`` gives CUDA when available, else the CPU. An explicit CUDA device on a machine without CUDA
     is an error rather than a silent fallback, so a run never trains for hours on the wrong device.
     """
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -85,3 +125,110 @@ def resolve_data_root(configured: str | os.PathLike | None = None) -> Path:
         "no data root found: set the config key 'data_root' (e.g. `python train.py with data_root=/path`), "
         f"or the environment variable {DATA_ROOT_ENV}, or place the data at {DEFAULT_DATA_ROOT}"
     )
+
+
+#: ``.<name>.tmp<pid>`` (plus the name's suffixes where the writer picks the format by them): the hidden
+#: temporary of :func:`write_atomically`.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+?)\.tmp(?P<pid>\d+)(?P<suffix>(\.[^.]+)*)$")
+
+logger = logging.getLogger(__name__)
+
+
+def temporary_path(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
+    """The hidden temporary of ``path`` for this process: ``.<name>.tmp<pid>``; with ``keep_suffix`` the
+    name's suffixes follow (``.pred.nii.gz.tmp7.nii.gz``), for writers that pick the format by the name."""
+    path = Path(path)
+    suffix = "".join(path.suffixes) if keep_suffix else ""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+
+
+def write_atomically(
+    path: str | os.PathLike,
+    write: Callable[[Path], None],
+    *,
+    what: str = "file",
+    verify: Callable[[Path], None] | None = None,
+    keep_suffix: bool = False,
+) -> Path:
+    """Write ``path`` through its hidden temporary: ``write(tmp)`` writes the content, which is flushed to
+    disk and checked by ``verify(tmp)`` (when given) before ``os.replace`` puts it in place; the folder is
+    synced so that the rename survives a crash.
+
+    ``write`` may also make a folder (e.g. a set of pictures): it then replaces an existing folder of that
+    name, whose old contents go just before the new ones arrive (a folder cannot be swapped in one step).
+    A failure removes the temporary and leaves an existing ``path`` as it was; an ``OSError`` (disk full,
+    ...) is raised again as ``OSError`` naming ``what``, the file and the cause. Returns ``path``.
+    """
+    path = Path(path)
+    tmp = temporary_path(path, keep_suffix)
+    try:
+        write(tmp)
+        if tmp.is_dir():
+            if path.is_dir():
+                shutil.rmtree(path)
+        else:
+            with tmp.open("rb+") as stream:
+                os.fsync(stream.fileno())
+            if verify is not None:
+                verify(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        if not err.errno:  # a message of our own (a writer that failed), kept as it is
+            raise OSError(f"cannot write {what} {path}: {err}") from err
+        cause = err.strerror or os.strerror(err.errno)
+        raise OSError(err.errno, f"cannot write {what} {path}: {cause}") from err
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, log: logging.Logger | None = None) -> list[Path]:
+    """Delete the temporaries of :func:`write_atomically` that processes killed while writing left in
+    ``folder``; returns the removed paths.
+
+    A temporary whose process still runs on this machine is kept; this process's own pid counts as dead
+    (call it before this process writes: a leftover with its pid is from an earlier process that had the
+    same id).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMPORARY.match(entry.name)
+        if match is None or not entry.is_file():
+            continue
+        pid = int(match.group("pid"))
+        if pid != os.getpid() and pid_alive(pid):
+            continue
+        size = entry.stat().st_size
+        entry.unlink(missing_ok=True)
+        removed.append(entry)
+        (log or logger).warning(
+            f"removed {entry} ({size / 2**20:.0f} MiB), left by process {pid} that died while writing "
+            f"{match.group('name')}"
+        )
+    return removed

@@ -1,4 +1,4 @@
-"""Episodes per second of TrainDataset (spec section 3), in the main process and through a DataLoader.
+"""Episodes per second of TrainDataset (method.md §3), in the main process and through a DataLoader.
 
 The GPU needs about 30 episodes/s; this measures what one CPU worker gives at the native 256x256 (or
 ``--image-size``) with augmentation on::
@@ -9,16 +9,12 @@ The GPU needs about 30 episodes/s; this measures what one CPU worker gives at th
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dataloaders import TrainDataset, worker_init_fn  # noqa: E402
-from utils import resolve_data_root  # noqa: E402
+from dataloaders import TrainDataset, worker_init_fn
+from utils import resolve_data_root
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ the libraries' own unchecked reads, both backends, measured in one run::
 
 "unchecked" is what each backend costs without any check (``SimpleITK.ReadImage`` + ``GetArrayFromImage``;
 ``nibabel.load`` + the unscaled data transposed to ``(Z, H, W)``), a lower bound on the reads before the
-checks existed. "checked" is ``dataloaders.io.read_volume``; "checked, zlib" the same with libdeflate
+checks existed. "checked" is ``dataloaders.nifti.read_volume``; "checked, zlib" the same with libdeflate
 switched off (what a host without the ``deflate`` package gets). Each figure is the median over the
 repeats of the mean over the volumes, the variants interleaved volume by volume so that machine load
 hits them alike; ratio = checked / unchecked.
@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dataloaders import io as volume_io  # noqa: E402
-from dataloaders.io import dataset_folders, read_volume  # noqa: E402
-from utils import resolve_data_root  # noqa: E402
+from dataloaders import nifti
+from dataloaders.cases import dataset_folders
+from dataloaders.nifti import read_volume
+from utils import resolve_data_root
 
 
 def unchecked_sitk(path: Path) -> np.ndarray:
@@ -42,11 +40,11 @@ def unchecked_nibabel(path: Path) -> np.ndarray:
 
 
 def checked_zlib(path: Path, backend: str) -> np.ndarray:
-    fast, volume_io._deflate = volume_io._deflate, None
+    fast, nifti._deflate = nifti._deflate, None
     try:
         return read_volume(path, backend=backend)[0]
     finally:
-        volume_io._deflate = fast
+        nifti._deflate = fast
 
 
 def main() -> None:
@@ -87,7 +85,7 @@ def main() -> None:
     size = sum(p.stat().st_size for p in files) / len(files) / 2**20
     print(
         f"{args.dataset} {args.kind}s: {len(files)} volumes, {size:.1f} MiB compressed on average, "
-        f"{args.repeats} repeats; libdeflate {'present' if volume_io._deflate else 'ABSENT'}"
+        f"{args.repeats} repeats; libdeflate {'present' if nifti._deflate else 'ABSENT'}"
     )
     for backend in ("sitk", "nibabel"):
         base = ms[f"{backend} unchecked"]

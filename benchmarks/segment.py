@@ -8,8 +8,9 @@ Usage (from the repository root)::
     python -m benchmarks.segment extents --checkpoint CKPT [--cases 10 13 15 19 20 21 22 31]
 
 ``speed``: seconds per query volume of 256 x 256 x 36 (CHAOST2 case 3; support case 1, liver) at the native
-256 px, on the chosen device, for ``test.py``'s per-volume path (``evaluation.predict_query_volume``: each
-of the 3 chunks in one forward with its support slice, supports re-encoded with every chunk) over all 36
+256 px, on the chosen device, for ``test.py``'s per-volume path
+(``engine.evaluation.predict_query_volume``: each of the 3 chunks in one forward with its support slice,
+supports re-encoded with every chunk) over all 36
 slices, and for the inference path over the same 36 slices (``query_range=(0, 36)``: preprocessing, one
 encoding per slice in batches, the head per chunk against the supports encoded once, probabilities back to
 the query grid) and with its default GT-free placement (a first pass over every slice, then the other
@@ -29,7 +30,7 @@ only, which isolates the placement from the extent estimate).
 
 ``extents``: how well two GT-free extent rules find each class's slices in CHAOST2 volumes (default: 8
 *training* volumes of fold 0, where a rule may be chosen without looking at the test volumes), support case
-1: ``window`` (the default, :func:`inference.segmenter.estimate_extent`: the support organ's length in mm,
+1: ``window`` (the default, :func:`inference.prediction.estimate_extent`: the support organ's length in mm,
 placed where the first pass holds the most foreground probability) and ``run`` (the longest run of slices
 whose first-pass area reaches 10 % of the smallest support mask, one missing slice bridged). Printed: the
 mean intersection-over-union of each rule's ``[first, last]`` slices with the ground truth's.
@@ -51,16 +52,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from checkpoint import latest_snapshot, load_model_weights
-from dataloaders import TestDataset, get_dataset_info
-from dataloaders.io import list_cases, normalize_volume, read_case
-from dataloaders.test_dataset import chunk_bounds
-from evaluation import predict_query_volume
-from inference.presets import layout_map, to_model_frame
-from inference.segmenter import PRESENCE_FRACTION, Segmenter, estimate_extent
-from inference.volumes import Volume
-from metrics import dice_iou
-from models import build_difd
+from dataloaders import TestDataset, chunk_bounds, get_dataset_info, list_cases, normalize_volume, read_case
+from engine.evaluation import predict_query_volume
+from engine.metrics import dice_iou
+from engine.snapshots import latest_snapshot
+from inference.frames import to_model_frame
+from inference.prediction import PRESENCE_FRACTION, estimate_extent
+from inference.segmenter import Segmenter
+from models import build_difd, load_difd
 from tests.segment_fixtures import copy_on_other_grid
 from utils import resolve_data_root
 
@@ -80,18 +79,19 @@ def speed(args: argparse.Namespace) -> None:
     root = resolve_data_root(args.data_root)
     info = get_dataset_info("CHAOST2")
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-        model = build_difd()
     if args.checkpoint is not None:  # any DIFD weights (a 64-px snapshot runs at 256 px as well)
-        load_model_weights(model, args.checkpoint)
+        model, _ = load_difd(args.checkpoint)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*randomly initialised.*")
+            model = build_difd()
     # native 256 px whatever size the weights were trained at
     segmenter = Segmenter(
         model, "chaos_mr", None, args.device, precision=args.precision, batch_size=args.batch_size
     )
     device = segmenter.device
     support_case, query_case = _case(info, root, SPEED_SUPPORT_CASE), _case(info, root, SPEED_QUERY_CASE)
-    query = Volume(query_case.image, query_case.geometry)
+    query = query_case.image
     depth = query.shape[0]
 
     # test.py's inputs: TestDataset's support (fold 0, supp_idx 0 = case 1) and the query's 36 slices
@@ -105,11 +105,7 @@ def speed(args: argparse.Namespace) -> None:
         "chunk_support": [0, 1, 2],
     }
     clock = time.perf_counter()
-    prepared = segmenter.prepare_support(
-        Volume(support_case.image, support_case.geometry),
-        Volume(support_case.label, support_case.geometry),
-        [SPEED_LABEL],
-    )
+    prepared = segmenter.prepare_support(support_case.image, support_case.label, [SPEED_LABEL])
     support_seconds = time.perf_counter() - clock
 
     times: dict[str, list[float]] = {"test.py path": [], "segment, given range": [], "segment, GT-free": []}
@@ -168,11 +164,7 @@ def placement(args: argparse.Namespace) -> None:
         support = protocol.support()
         cases = {case.case_id: case for case in list_cases(info, root)}
         support_case = read_case(cases[support["case_id"]], info)
-        prepared = segmenter.prepare_support(
-            Volume(support_case.image, support_case.geometry),
-            Volume(support_case.label, support_case.geometry),
-            [label],
-        )
+        prepared = segmenter.prepare_support(support_case.image, support_case.label, [label])
         if prepared.organs[label].slices != support["slice_indices"].tolist():
             raise RuntimeError(
                 f"{name}: the inference path chose support slices {prepared.organs[label].slices}, the "
@@ -180,7 +172,7 @@ def placement(args: argparse.Namespace) -> None:
             )
         for query in protocol:
             case = read_case(cases[query["case_id"]], info)
-            truth = case.label == label
+            truth = case.label.array == label
             labelled = np.flatnonzero(truth.any(axis=(1, 2)))
             if labelled.size == 0:
                 continue
@@ -188,7 +180,7 @@ def placement(args: argparse.Namespace) -> None:
                 predict_query_volume(segmenter.model, support, query, segmenter.device).numpy(),
                 query["labels"].numpy(),
             )
-            volume = Volume(case.image, case.geometry)
+            volume = case.image
             given = segmenter.segment_volume(prepared, volume, (int(labelled[0]), int(labelled[-1]) + 1))
             free = segmenter.segment_volume(prepared, volume)
             row = {
@@ -253,23 +245,18 @@ def extents(args: argparse.Namespace) -> None:
     cases = {case.case_id: case for case in list_cases(info, root)}
     support_case = read_case(cases[1], info)
     labels = list(info.test_labels)
-    prepared = segmenter.prepare_support(
-        Volume(support_case.image, support_case.geometry),
-        Volume(support_case.label, support_case.geometry),
-        labels,
-    )
+    prepared = segmenter.prepare_support(support_case.image, support_case.label, labels)
     scores: dict[str, dict[int, list[float]]] = {"window": {}, "run": {}, "aligned": {}}
     for case_id in args.cases:
         case = read_case(cases[case_id], info)
-        volume = Volume(case.image, case.geometry)
-        frame = to_model_frame(
-            volume, segmenter.preset, segmenter.image_size, layout_map(volume, segmenter.preset)
-        )
-        feats, thresholds = segmenter.encode_slices(frame.slices)
+        volume = case.image
+        layout = segmenter.preset.layout(volume.geometry.direction)
+        frame = to_model_frame(volume, segmenter.preset, segmenter.image_size, layout)
+        feats, thresholds = segmenter.runner.encode_slices(frame.slices)
         for label in labels:
-            truth = np.flatnonzero((case.label == label).any(axis=(1, 2)))
+            truth = np.flatnonzero((case.label.array == label).any(axis=(1, 2)))
             organ = prepared.organs[label]
-            passes = [segmenter.predict(organ.encoded.episode(k), feats, thresholds) for k in range(3)]
+            passes = [segmenter.runner.predict(organ.encoded.episode(k), feats, thresholds) for k in range(3)]
             first_pass = passes[segmenter.n_part // 2]
             length = round(organ.length_mm / frame.geometry.spacing[2])
             window = estimate_extent(first_pass.sum(axis=(1, 2)), length)

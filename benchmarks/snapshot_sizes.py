@@ -10,18 +10,15 @@ optimiser holds its momentum buffers, as in training) into a temporary folder an
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from checkpoint import demote_snapshot, save_snapshot  # noqa: E402
-from models import build_difd  # noqa: E402
-from runtime import build_sgd  # noqa: E402
+from engine.runtime import build_sgd
+from engine.snapshots import demote_snapshot, save_snapshot
+from models import build_difd
 
 MB = 1e6
 

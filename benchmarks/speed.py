@@ -19,7 +19,7 @@ memory of the training step (n/a on CPU) and the projected time of a 40000-step 
 
 Loader: episodes per second of ``TrainDataset`` (gamma, affine and elastic augmentation at ``--size``)
 through a DataLoader with each of ``--workers`` (0 = main process). With a NIfTI reader (SimpleITK or
-nibabel, see ``dataloaders.io``) and a data root it reads real CHAOST2 volumes (``loader: CHAOST2``);
+nibabel, see ``dataloaders.nifti``) and a data root it reads real CHAOST2 volumes (``loader: CHAOST2``);
 otherwise (e.g. a GPU host with neither, or no data) it builds ``TrainDataset`` on synthetic in-memory
 volumes of CHAOST2's size (``loader: synthetic``: 8 volumes of 36 slices, smooth random images, block
 supervoxels of 6 slices x 32 x 32 px), so the same sampling and augmentation code runs. Needs torch,
@@ -41,10 +41,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.model import episode
-from dataloaders import TrainDataset, worker_init_fn
-from dataloaders.io import CaseFiles, CaseVolume, Geometry
+from dataloaders import Case, CaseFiles, Geometry, TrainDataset, Volume, worker_init_fn
+from engine.runtime import apply_memory_format, autocast, build_sgd, training_step
 from models import DIFDLoss, build_difd
-from runtime import apply_memory_format, autocast, build_sgd, training_step
 from tests.naive_difd import naive_forward, naive_losses
 from utils import resolve_data_root
 
@@ -77,7 +76,13 @@ class SyntheticTrainDataset(TrainDataset):
             smooth = np.stack([cv2.GaussianBlur(s, (0, 0), 8) for s in noise]) * 20 + noise
             files = CaseFiles(case_id, Path(f"<synthetic {case_id}>"), Path("<none>"), Path("<synthetic sv>"))
             label = np.zeros(blocks.shape, np.uint8)
-            volume = CaseVolume(case_id, smooth.astype(np.float32), label, blocks, geometry, files)
+            volume = Case(
+                case_id,
+                Volume(smooth.astype(np.float32), geometry),
+                Volume(label, geometry),
+                Volume(blocks, geometry),
+                files,
+            )
             volumes.append(self._prepare(volume))
         return volumes
 

@@ -1,7 +1,7 @@
 """MR-like abdominal phantom in the CHAOST2 layout: the embedded default dataset of the quick start.
 
 Writes ``<out>/CHAOST2/chaos_MR_T2_normalized/image_<id>.nii.gz`` and ``label_<id>.nii.gz`` (ids 1..N)
-like the preprocessed CHAOS T2-SPIR volumes (spec section 1): float64 arrays ``(Z, H, W)`` in raw MR units
+like the preprocessed CHAOS T2-SPIR volumes (method.md §1): float64 arrays ``(Z, H, W)`` in raw MR units
 clipped at the 99.5th percentile (about 0..1100), spacing 1.25 x 1.25 x 7.7 mm at 256 x 256, labels
 0 background, 1 liver, 2 right kidney, 3 left kidney, 4 spleen.
 
@@ -32,11 +32,11 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from dataloaders.datasets import get_dataset_info
-from dataloaders.io import require_simpleitk
+from dataloaders.volume import require_simpleitk
 
 sitk = require_simpleitk("the phantom generator (data/phantom.py)")
 
-#: CHAOST2 label values (spec section 1).
+#: CHAOST2 label values (method.md §1).
 LABELS = {"LIVER": 1, "RK": 2, "LK": 3, "SPLEEN": 4}
 #: Reference matrix size and spacing (x, y, z) in mm of the preprocessed CHAOST2 volumes.
 REFERENCE_SIZE = 256

@@ -1,4 +1,4 @@
-"""Steps shared by the three preprocessing commands (spec section 1b, Ouyang et al.'s published pipeline).
+"""Steps shared by the three preprocessing commands (method.md §1b, Ouyang et al.'s published pipeline).
 
 Every function takes and returns ``SimpleITK.Image`` objects so that geometry (spacing, origin, direction)
 travels with the voxels; arrays taken from them are ``(Z, H, W)`` = ``(z, y, x)``, slice axis first, while
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloaders.io import require_simpleitk
+from dataloaders.volume import require_simpleitk
 
 sitk = require_simpleitk("data preprocessing (data/preprocessing.py)")
 

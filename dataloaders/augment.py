@@ -1,4 +1,4 @@
-"""Episode augmentation of spec section 3 step 6, with random parameters drawn apart from their application.
+"""Episode augmentation of method.md §3 step 6, with random parameters drawn apart from their application.
 
 ``sample_*`` functions draw parameters from a local ``np.random.Generator``; ``apply_*`` functions are
 deterministic given those parameters. Identity parameters (``identity_gamma()``, ``identity_geometry``)
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .io import CV_MAX_CHANNELS
+from .transforms import CV_MAX_CHANNELS
 
 GAMMA_RANGE = (0.5, 1.5)
 GAMMA_EPS = 1e-5

@@ -1,4 +1,4 @@
-"""Per-dataset facts in one table (spec section 1 and 5).
+"""Per-dataset facts in one table (method.md §1 and §5).
 
 Every fact a loader, a training script or a report needs about CHAOST2, SABS and CMR lives here: label
 values and names, the on-disk label remap (CMR stores 200/500/600), folder names and file patterns, the
@@ -6,7 +6,7 @@ supervoxel size ``n_sv``, the number of volumes, the five overlapping folds and 
 here assumes an image size (CHAOST2/CMR slices are 256x256, the published SABS ones 257x257).
 
 Folds are *positions* (0-based) in the list of cases sorted by integer case id, not case ids. Neighbouring
-folds deliberately share one volume and fold 4 also holds position 0 (spec section 1 table). Within a fold
+folds deliberately share one volume and fold 4 also holds position 0 (method.md §1, fold table). Within a fold
 the volumes keep the sorted-position order, so the ``supp_idx``-th volume of fold 4 is position 0.
 """
 
@@ -53,7 +53,7 @@ class DatasetInfo:
     label_names: Mapping[int, str]
     #: on-disk value -> class value, for values that differ (CMR: 200 -> 1, 500 -> 2, 600 -> 3)
     label_remap: Mapping[int, int]
-    #: classes evaluated (spec section 5), in the order results are reported
+    #: classes evaluated (method.md §5), in the order results are reported
     test_labels: tuple[int, ...]
     #: positions in the id-sorted case list, one tuple per fold
     folds: tuple[tuple[int, ...], ...]
@@ -153,7 +153,7 @@ DATASETS: Mapping[str, DatasetInfo] = _frozen(
             n_volumes=35,
             label_names=_frozen({1: "LV-MYO", 2: "LV-BP", 3: "RV"}),
             label_remap=_frozen({200: 1, 500: 2, 600: 3}),
-            # spec section 5 reports LV-BP, LV-MYO, RV in this order
+            # method.md §5 reports LV-BP, LV-MYO, RV in this order
             test_labels=(2, 1, 3),
             folds=overlapping_folds(35, 7),
         ),

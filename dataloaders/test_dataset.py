@@ -1,4 +1,4 @@
-"""Evaluation protocol of spec section 5 (Ouyang et al.) for one fold and one test class.
+"""Evaluation protocol of method.md §5 (Ouyang et al.) for one fold and one test class.
 
 The fold's volumes (in sorted-position order) are split into the support volume, the ``supp_idx``-th, and
 the query volumes, the others in order. Only slices that contain the test class are used:
@@ -21,7 +21,7 @@ With ``image_size`` set, model inputs (support images and masks, query images) a
 ``image_size x image_size`` (bilinear images, nearest masks), while query ``labels`` stay at the native
 ``H x W``: the caller upsamples its predictions (e.g. probabilities bilinearly, before the argmax) back to
 ``native_shape[1:]`` before scoring or saving. Volumes are normalised over the whole native volume
-(spec section 1) before slices are selected.
+(method.md §1) before slices are selected.
 
 Before evaluating, :func:`check_fold_classes` finds, for every class at once, which of the fold's volumes
 hold it (one read of each label file), so that a class missing from the support volume or from every query
@@ -36,25 +36,16 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from .cases import Case, CaseFiles, check_case, list_cases, read_case, remap_labels
 from .datasets import DatasetInfo, get_dataset_info
-from .io import (
-    CaseFiles,
-    CaseVolume,
-    check_case,
-    list_cases,
-    normalize_volume,
-    read_case,
-    read_volume,
-    remap_labels,
-    resize_slices,
-    to_three_channels,
-)
+from .nifti import read_volume
+from .transforms import normalize_volume, resize_slices, to_three_channels
 
 
 def support_slice_indices(count: int, n: int) -> np.ndarray:
     """Positions (among ``count`` labelled slices) of the ``n`` support slices, ``(n,)`` int64.
 
-    Spec section 5: fraction ``1/(2n) + i (1 - 1/n) / (n - 1)`` for ``i = 0..n-1``, position
+    method.md §5: fraction ``1/(2n) + i (1 - 1/n) / (n - 1)`` for ``i = 0..n-1``, position
     ``int(fraction * count)``; for ``n = 1`` the rule's limit, fraction ``1/2`` (as the official code).
     With ``count < n`` positions repeat.
     """
@@ -69,7 +60,7 @@ def support_slice_indices(count: int, n: int) -> np.ndarray:
 
 def chunk_bounds(count: int, n_part: int) -> list[tuple[int, int]]:
     """``n_part`` contiguous chunks ``[start, end)`` of ``count`` query slices, at
-    ``linspace(0, count, n_part + 1)`` cast to int (spec section 5). Chunks may be empty when
+    ``linspace(0, count, n_part + 1)`` cast to int (method.md §5). Chunks may be empty when
     ``count < n_part``."""
     if count < 0 or n_part < 1:
         raise ValueError(f"chunk_bounds: need count >= 0 and n_part >= 1, got count={count}, n_part={n_part}")
@@ -173,9 +164,10 @@ class TestDataset:
     ``ds[i]`` (query volume ``i``; ``len(ds)`` queries; iterating yields them in order) -> dict ``case_id``,
     ``imgs (Zc, 3, h, w)`` float32 of its ``Zc`` labelled slices, ``labels (Zc, H, W)`` int64 {0,1} at native
     resolution, ``slice_indices (Zc,)`` int64, ``chunks`` list of ``n_part`` ``(start, end)``,
-    ``chunk_support`` list (support slice of each chunk), ``geometry`` (:class:`~dataloaders.io.Geometry`),
-    ``native_shape (Z, H, W)``, ``native_image (Z, H, W)`` (the image as stored, for displays). A query
-    volume without the class has ``Zc = 0`` and only empty chunks; the caller decides how to score it.
+    ``chunk_support`` list (support slice of each chunk), ``geometry``
+    (:class:`~dataloaders.volume.Geometry`), ``native_shape (Z, H, W)``, ``native_image (Z, H, W)`` (the
+    image as stored, for displays). A query volume without the class has ``Zc = 0`` and only empty chunks;
+    the caller decides how to score it.
 
     ``n_queries`` keeps the first query volumes only. ``preload=True`` reads every query volume once, here,
     and keeps its slices compactly (one channel, uint8 labels) for repeated evaluations (validation during
@@ -217,11 +209,11 @@ class TestDataset:
             [self._read_query(case, keep_image=False) for case in self.query_cases] if preload else None
         )
 
-    def _labelled(self, case: CaseFiles) -> tuple[CaseVolume, np.ndarray, np.ndarray, np.ndarray]:
+    def _labelled(self, case: CaseFiles) -> tuple[Case, np.ndarray, np.ndarray, np.ndarray]:
         """The case as read, its normalised image, binary label and the labelled slice indices."""
         volume = read_case(case, self.info)
-        image = normalize_volume(volume.image, case.image)
-        label = (volume.label == self.test_label).astype(np.uint8)
+        image = normalize_volume(volume.image.array, case.image)
+        label = (volume.label.array == self.test_label).astype(np.uint8)
         return volume, image, label, np.flatnonzero(label.any(axis=(1, 2)))
 
     def _load_support(self) -> dict[str, torch.Tensor | int]:
@@ -261,7 +253,7 @@ class TestDataset:
             "slice_indices": labelled.astype(np.int64),
             "geometry": volume.geometry,
             "native_shape": tuple(int(v) for v in image.shape),
-            "native_image": volume.image if keep_image else None,
+            "native_image": volume.image.array if keep_image else None,
         }
 
     def __getitem__(self, index: int) -> dict[str, object]:

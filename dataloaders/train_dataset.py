@@ -1,4 +1,4 @@
-"""Self-supervised episodic sampler of spec section 3 (1-way, S-shot, Q-query episodes).
+"""Self-supervised episodic sampler of method.md §3 (1-way, S-shot, Q-query episodes).
 
 Randomness: episode ``i`` is drawn from ``np.random.default_rng([seed, i])`` and from nothing else, so
 ``dataset[i]`` depends only on ``(seed, i)``: the same seed gives the same episodes whatever the number of
@@ -7,7 +7,7 @@ draw different episodes because they receive different indices). Pass :func:`wor
 limits OpenCV to one thread per worker, which is faster. ``len(dataset)`` is the number of episodes (the
 official schedule: ``n_steps = 40000`` episodes at batch 1); iterating a second time repeats them.
 
-Episode ``i`` (spec section 3):
+Episode ``i`` (method.md §3):
 
 1. pick a usable training volume uniformly, then, up to ``max_tries`` times, a class uniformly among the
    classes present in it (supervoxel ids > 0, or ground-truth labels other than the test labels with
@@ -25,7 +25,7 @@ Episode ``i`` (spec section 3):
 7. masks are the binary mask of the drawn class.
 
 A volume in which no class can give an episode (step 3 and 4 can never succeed) is left out of step 1; if
-no volume is usable the constructor says so. Volumes are read, normalised (spec section 1) and, with
+no volume is usable the constructor says so. Volumes are read, normalised (method.md §1) and, with
 ``image_size``, resized once at construction (bilinear images, nearest supervoxels/labels), so a bad data
 root fails before training; ``min_size`` counts pixels at the working size.
 """
@@ -43,8 +43,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import apply_gamma, apply_geometry, sample_gamma, sample_geometry
+from .cases import Case, list_cases, read_case
 from .datasets import DatasetInfo, get_dataset_info
-from .io import CaseVolume, list_cases, normalize_volume, read_case, resize_slices, to_three_channels
+from .transforms import normalize_volume, resize_slices, to_three_channels
 
 EXCLUSION_MODES = ("any", "all")
 
@@ -88,7 +89,7 @@ def _runs(mask: np.ndarray, min_length: int) -> np.ndarray:
 
 
 class TrainDataset(Dataset):
-    """Episodes for self-supervised training (spec section 3).
+    """Episodes for self-supervised training (method.md §3).
 
     ``__getitem__`` returns a dict: ``supp_imgs (S, 3, H, W)`` float32, ``supp_masks (S, H, W)`` float32
     {0,1}, ``qry_imgs (Q, 3, H, W)`` float32, ``qry_labels (Q, H, W)`` int64 {0,1}, ``class_id`` int (the
@@ -191,8 +192,8 @@ class TrainDataset(Dataset):
             )
         return usable
 
-    def _prepare(self, case: CaseVolume) -> _Volume:
-        source = case.label if self.use_gt else case.supervoxel
+    def _prepare(self, case: Case) -> _Volume:
+        source = (case.label if self.use_gt else case.supervoxel).array
         path = case.files.label if self.use_gt else case.files.supervoxel
         if source.min() < 0:
             raise ValueError(f"{path}: class ids must be >= 0, found {source.min()}")
@@ -203,7 +204,9 @@ class TrainDataset(Dataset):
         lookup = np.zeros(int(source.max()) + 1, dtype=np.uint16)
         lookup[classes] = np.arange(1, len(classes) + 1, dtype=np.uint16)
         class_index = resize_slices(lookup[source], self.image_size, nearest=True)
-        image = resize_slices(normalize_volume(case.image, case.files.image), self.image_size, nearest=False)
+        image = resize_slices(
+            normalize_volume(case.image.array, case.files.image), self.image_size, nearest=False
+        )
 
         n_slices, n_classes = class_index.shape[0], len(classes)
         flat = (np.arange(n_slices)[:, None] * (n_classes + 1) + class_index.reshape(n_slices, -1)).ravel()
@@ -213,7 +216,7 @@ class TrainDataset(Dataset):
 
         allowed = np.ones(n_slices, dtype=bool)
         if self.exclude_label is not None:
-            holds = np.stack([(case.label == v).any(axis=(1, 2)) for v in self.exclude_label], axis=1)
+            holds = np.stack([(case.label.array == v).any(axis=(1, 2)) for v in self.exclude_label], axis=1)
             allowed = ~(holds.any(axis=1) if self.exclusion == "any" else holds.all(axis=1))
         window = self.n_shot + self.n_query
         runs = [_runs((counts[:, k] > 0) & allowed, window) for k in range(n_classes)]

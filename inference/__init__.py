@@ -1,13 +1,18 @@
-"""Inference on a user's own scans (``segment.py``): presets, the segmenter, the outputs.
+"""Inference on a user's own scans (``segment.py``), a straight pipeline of four stages per query:
+:mod:`~inference.scans` (read and check) → :mod:`~inference.frames` (into the model's frame) →
+:mod:`~inference.prediction` (probabilities) → :mod:`~inference.label_maps` (back onto the scan's grid),
+run by :class:`~inference.segmenter.Segmenter`; :mod:`~inference.outputs` writes the files.
 
 ``segment(checkpoint, support_image, support_label, labels, queries)`` takes SimpleITK images or
-:class:`Volume` objects (a ``(Z, H, W)`` array with its geometry) and returns, per query, the label map on
-the query's own grid and its per-organ figures. Needs SimpleITK.
+:class:`Volume` objects (a ``(Z, H, W)`` array with its geometry) and returns, per query, the label map on the
+query's own grid and its per-organ figures. Needs SimpleITK.
 """
 
+from dataloaders import AxisMap, Volume
+from inference.label_maps import Segmentation
 from inference.presets import PRESETS, Preset, get_preset
-from inference.segmenter import CheckpointInfo, Segmentation, Segmenter, segment
-from inference.volumes import AxisMap, Volume, read_scan
+from inference.scans import read_scan
+from inference.segmenter import CheckpointInfo, Segmenter, segment
 
 __all__ = [
     "PRESETS",

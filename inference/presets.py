@@ -1,16 +1,9 @@
-"""Presets: a user's scan into a trained model's domain (spec section 1b) and its probabilities back.
+"""Presets: each dataset's preprocessing (method.md §1b) as a user's scan needs it, made of the functions its
+preprocessing command runs (:mod:`data.preprocessing`, :mod:`data.SABS.preprocess`).
 
-A preset is the preprocessing of one dataset, made of the functions its preprocessing command runs
-(:mod:`data.preprocessing`, :mod:`data.SABS.preprocess`), applied to one scan:
-
-1. **orientation**: the array is transposed/flipped (:class:`~inference.volumes.AxisMap`, exact, no
-   interpolation) into the training layout, the signed axis permutation whose axes point closest to the
-   training data's direction matrix;
-2. **intensity, spacing, crop/pad**: the dataset's steps, resampling **in-plane only** (the scan keeps its
-   slices, which the 2-D model segments one by one);
-3. **normalisation and slice size**: the loaders' per-volume ``(v - mean) / std``
-   (:func:`dataloaders.io.normalize_volume`) over the result, then every slice resized (bilinear) to the
-   checkpoint's ``image_size`` (None: kept).
+A preset holds the dataset's training layout (the direction matrix its arrays were stored with) and its
+intensity, spacing and crop/pad steps, which resample **in-plane only** (the scan keeps its slices, which
+the 2-D model segments one by one). :mod:`inference.frames` applies them.
 
 Training layouts, read off the real copies (``../shared/data``; the arrays of all three have the patient's
 left at high column indices, anterior at high row indices and superior at high slice indices):
@@ -26,19 +19,12 @@ left at high column indices, anterior at high row indices and superior at high s
   spacing factor, which assume Synapse's 512 x 512 slices (32 voxels of 512, spacing x 1.75): other sizes get
   the same field of view (a cut of 1/16 of each side and the spacing that brings the larger side to 256
   voxels); then a centre crop/pad with 0 to the training slice size 257 x 257 (a no-op for 512 x 512).
-
-The way back (:meth:`ModelFrame.to_source`): the model's foreground probabilities, a ``(Z', s, s)`` grid
-with a known physical geometry, are resampled linearly (SimpleITK, identity transform) onto the scan's own
-voxel grid; 0 (background) outside the model's field of view.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
 
 from data.CHAOST2.preprocess import SPACING as CHAOS_SPACING
 from data.CMR.preprocess import SPACING as CMR_SPACING
@@ -50,8 +36,10 @@ from data.preprocessing import (
     resampled_size,
 )
 from data.SABS.preprocess import BORDER, SPACING_FACTOR, cut_and_resample, normalise_intensity
-from dataloaders.io import Geometry, normalize_volume, resize_slices
-from inference.volumes import AxisMap, Volume, sitk
+from dataloaders import AxisMap
+from dataloaders.volume import require_simpleitk
+
+sitk = require_simpleitk("segment.py (inference)")
 
 #: 'LAS': columns toward the patient's left, rows toward anterior, slices toward superior.
 LAS_DIRECTION = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -117,6 +105,11 @@ class Preset:
     image_steps: Callable[[sitk.Image], sitk.Image]
     label_steps: Callable[[sitk.Image], sitk.Image]
 
+    def layout(self, direction: tuple[float, ...], reorient: bool = True) -> AxisMap:
+        """The signed permutation taking a scan of ``direction`` into the training layout (identity when
+        ``reorient`` is False: the array is taken as already in that layout, whatever its direction says)."""
+        return AxisMap.closest(direction, self.direction) if reorient else AxisMap()
+
 
 def _preset(name: str, dataset: str, description: str, direction, steps) -> Preset:
     return Preset(name, dataset, description, tuple(direction), *steps)
@@ -159,87 +152,3 @@ def get_preset(name: str | Preset) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
     return PRESETS[name]
-
-
-def _model_geometry(frame: sitk.Image, size: tuple[int, int]) -> Geometry:
-    """Geometry of the ``(Z, size_y, size_x)`` grid that bilinear resizing (``cv2.INTER_LINEAR``: sample
-    ``i`` at input position ``(i + 0.5) * scale - 0.5``) makes of ``frame``'s slices."""
-    width, height = frame.GetSize()[:2]
-    scale = np.array([width / size[1], height / size[0], 1.0])
-    spacing = np.asarray(frame.GetSpacing()) * scale
-    shift = (scale - 1) / 2 * np.asarray(frame.GetSpacing())
-    direction = np.asarray(frame.GetDirection()).reshape(3, 3)
-    origin = np.asarray(frame.GetOrigin()) + direction @ shift
-    return Geometry(
-        spacing=tuple(float(v) for v in spacing),
-        origin=tuple(float(v) for v in origin),
-        direction=tuple(float(v) for v in frame.GetDirection()),
-    )
-
-
-@dataclass
-class ModelFrame:
-    """A scan in a model's domain.
-
-    ``slices (Z', s, s)`` float32: normalised model input (one channel; the model takes it repeated to 3);
-    ``geometry``: the physical placement of that grid; ``axis_map``: scan layout → training layout (the
-    model's slice ``k`` is the scan's slice ``axis_map.source_slice(k, source_shape)``); ``source`` the scan's
-    grid (shape and geometry) to map back to.
-    """
-
-    slices: np.ndarray
-    geometry: Geometry
-    axis_map: AxisMap
-    source_shape: tuple[int, int, int]
-    source_geometry: Geometry
-
-    def to_source(self, probability: np.ndarray) -> np.ndarray:
-        """Resample ``(Z', s, s)`` probabilities linearly onto the scan's own grid → ``(Z, H, W)`` float32
-        (0 outside the model's field of view)."""
-        if probability.shape != self.slices.shape:
-            raise ValueError(f"expected probabilities of shape {self.slices.shape}, got {probability.shape}")
-        moving = self.geometry.apply_to(sitk.GetImageFromArray(np.asarray(probability, dtype=np.float32)))
-        reference = sitk.Image([int(v) for v in self.source_shape[::-1]], sitk.sitkUInt8)
-        self.source_geometry.apply_to(reference)
-        resampled = sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        return sitk.GetArrayFromImage(resampled)
-
-
-def layout_map(volume: Volume, preset: Preset, reorient: bool = True) -> AxisMap:
-    """The signed permutation taking ``volume`` into ``preset``'s training layout (identity when
-    ``reorient`` is False: the array is taken as already in that layout, whatever its direction says)."""
-    return AxisMap.closest(volume.geometry.direction, preset.direction) if reorient else AxisMap()
-
-
-def to_model_frame(
-    volume: Volume,
-    preset: Preset,
-    image_size: int | None,
-    axis_map: AxisMap,
-    source: str | os.PathLike = "<scan>",
-) -> ModelFrame:
-    """Steps 1-3 of the module docstring on a scan; ``source`` names it in errors."""
-    oriented = axis_map.apply(volume)
-    frame = preset.image_steps(oriented.to_sitk())
-    array = normalize_volume(sitk.GetArrayViewFromImage(frame), source)
-    size = frame.GetSize()[1::-1] if image_size is None else (int(image_size), int(image_size))
-    slices = resize_slices(array, image_size, nearest=False) if image_size is not None else array
-    return ModelFrame(
-        slices=np.ascontiguousarray(slices, dtype=np.float32),
-        geometry=_model_geometry(frame, size),
-        axis_map=axis_map,
-        source_shape=volume.shape,
-        source_geometry=volume.geometry,
-    )
-
-
-def label_to_model_frame(label: Volume, preset: Preset, axis_map: AxisMap) -> np.ndarray:
-    """A label map through the label side of the steps (per-value resampling, crop/pad with 0), at the
-    crop size: ``(Z', H', W')`` uint8. Masks go to the model size with :func:`masks_at_size`."""
-    frame = preset.label_steps(axis_map.apply(label).to_sitk())
-    return sitk.GetArrayFromImage(frame)
-
-
-def masks_at_size(masks: np.ndarray, image_size: int | None) -> np.ndarray:
-    """Binary ``(N, H', W')`` masks at the model size (nearest, as the test loader resizes them), float32."""
-    return np.ascontiguousarray(resize_slices(masks.astype(np.float32), image_size, nearest=True))

@@ -1,4 +1,4 @@
-"""Decoder of DIFD (spec 4.6): turns the deployed features ``[F_q, IP, IS(, extra)]`` into one logit map.
+"""Decoder of DIFD (method.md §4.6): the deployed features ``[F_q, IP, IS(, extra)]`` → one logit map.
 
 Two instances with identical architecture exist, ``decoder1`` for the foreground branch and ``decoder2`` for
 the background branch (official module tree). Submodule indices match the official checkpoint names

@@ -1,5 +1,5 @@
-"""DIFD top model (spec 4): encoder → Dual Interspersion → Interactive Fusion Refinement → Flexible
-Deployment → fg/bg decoders, plus the prototype-alignment pass used by the training loss (spec 4.7).
+"""DIFD top model (method.md §4): encoder → Dual Interspersion → Interactive Fusion Refinement → Flexible
+Deployment → fg/bg decoders, plus the prototype-alignment pass used by the training loss (method.md §4.7).
 
 The parts are built elsewhere (``models/builder.py``) and injected, so tests can pass a tiny encoder.
 Parameter names follow the official module tree: ``encoder.*``, ``fuse.weight``, ``decoder1.*`` (foreground
@@ -295,7 +295,7 @@ class DIFD(nn.Module):
 
     @staticmethod
     def _global_prototypes(support_feats: Tensor, support_masks: Tensor) -> tuple[Tensor, Tensor]:
-        """MAP fg/bg prototypes of the upsampled features, averaged over shots (spec 4.2).
+        """MAP fg/bg prototypes of the upsampled features, averaged over shots (method.md §4.2).
 
         Shape: ``(B, S, C, h, w)``, ``(B, S, H, W)`` → ``(B, C)``, ``(B, C)``.
         """

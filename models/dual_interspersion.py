@@ -1,4 +1,4 @@
-"""Dual Interspersion (DI, spec 4.3): the foreground and background basis-prototype sets of one support image.
+"""Dual Interspersion (DI, method.md §4.3): the foreground and background basis sets of one support image.
 
 Each set is ``[DI global, SI windows…, RI boxes…]``:
 
@@ -254,8 +254,8 @@ class DualInterspersion(nn.Module):
     step that carries gradient.
 
     Args:
-        region_sampling: ``'official'`` (fixed seed-9 draws, spec 4.3) or ``'random'`` (fresh seed per call,
-            taken from the process-wide torch RNG so that ``set_seed`` makes runs repeatable).
+        region_sampling: ``'official'`` (fixed seed-9 draws, method.md §4.3) or ``'random'`` (fresh seed per
+            call, taken from the process-wide torch RNG so that ``set_seed`` makes runs repeatable).
     """
 
     def __init__(self, region_sampling: str = "official") -> None:

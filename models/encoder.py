@@ -1,4 +1,4 @@
-"""ResNet-101 encoder of DIFD (spec 4.1): query/support features and the per-image threshold ``t``.
+"""ResNet-101 encoder of DIFD (method.md §4.1): query/support features and the per-image threshold ``t``.
 
 Shape: images ``(N, 3, H, W)`` → features ``F = reduce1(layer3(x))`` ``(N, 512, h, w)`` with ``h = H/4``
 (layer2 and layer3 dilated), and ``t = reduce1d(fc(avgpool(layer4(x))))`` ``(N,)``.
@@ -21,14 +21,34 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from checkpoint import read_torch_file
+from models.files import load_torch_file
 
 logger = logging.getLogger(__name__)
 
-#: Pretrained checkpoint kinds and the prefix their trunk keys carry.
-PRETRAINED_PREFIXES = {"deeplabv3": "backbone.", "resnet101": ""}
-
 FEATURE_CHANNELS = 512
+
+
+@dataclass(frozen=True)
+class PretrainedFile:
+    """One of torchvision's checkpoints for the encoder: its file name (the part after the last ``-`` is the
+    start of its SHA-256), download address and the prefix its trunk keys carry."""
+
+    file_name: str
+    url: str
+    prefix: str
+
+
+#: The ``pretrained_weights`` kinds (method.md §4.1).
+PRETRAINED = {
+    "deeplabv3": PretrainedFile(
+        "deeplabv3_resnet101_coco-586e9e4e.pth",
+        "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth",
+        "backbone.",
+    ),
+    "resnet101": PretrainedFile(
+        "resnet101-63fe2227.pth", "https://download.pytorch.org/models/resnet101-63fe2227.pth", ""
+    ),
+}
 
 
 @dataclass
@@ -84,7 +104,7 @@ class Res101Encoder(nn.Module):
                 stacklevel=3,
             )
             return None
-        if kind not in PRETRAINED_PREFIXES:
+        if kind not in PRETRAINED:
             raise ValueError(f"pretrained_weights: expected None, 'deeplabv3' or 'resnet101', got {kind!r}")
         if path is None:
             raise ValueError(
@@ -93,12 +113,12 @@ class Res101Encoder(nn.Module):
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"pretrained checkpoint for {kind!r} not found: {path}")
-        checkpoint = read_torch_file(path, f"pretrained checkpoint ({kind!r})")
+        checkpoint = load_torch_file(path, f"pretrained checkpoint ({kind!r})")
         if not isinstance(checkpoint, Mapping):
             raise ValueError(
                 f"pretrained checkpoint {path}: expected a state dict, found {type(checkpoint).__name__}"
             )
-        prefix = PRETRAINED_PREFIXES[kind]
+        prefix = PRETRAINED[kind].prefix
         own = self.state_dict()
         updated: dict[str, Tensor] = {}
         ignored = []

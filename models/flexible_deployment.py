@@ -1,4 +1,4 @@
-"""Flexible Deployment (FD, spec 4.5): deploy the refined prototypes onto each query pixel.
+"""Flexible Deployment (FD, method.md §4.5): deploy the refined prototypes onto each query pixel.
 
 1. ``sim' = cos(F_q, BP')`` → ``(P, h, w)``;
 2. ``S = softmax over P of (sim' · (1 + 20·sigmoid(t_s)))``, padded (invalid) prototypes masked out;

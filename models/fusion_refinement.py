@@ -1,4 +1,5 @@
-"""Interactive Fusion Refinement (IFR, spec 4.4): refine a basis set with prototypes read off each query.
+"""Interactive Fusion Refinement (IFR, method.md §4.4): refine a basis set with prototypes read off each
+query.
 
 For every query independently:
 

@@ -1,4 +1,4 @@
-"""DIFD training losses (spec 4.7): weighted NLL and boundary loss on the query prediction and on the
+"""DIFD training losses (method.md §4.7): weighted NLL and boundary loss on the query prediction and on the
 prototype-alignment prediction of the supports.
 
 - NLL: class weights ``[0.1, 1.0]``, ignore index 255, on ``log(clamp(p, eps, 1 - eps))`` (float32 eps). The

@@ -4,7 +4,7 @@
 # Sets up .venv (as script/test.sh does), writes the embedded phantom dataset (data/phantom.py) unless
 # DIFD_DATA_ROOT points at real data, makes its supervoxels, trains DIFD self-supervised on the training
 # volumes of fold 0 while validating on fold 0's query volumes (the curve is drawn to progress.png in the
-# run folder), evaluates fold 0 with the protocol of spec section 5, prints the validation curve and the
+# run folder), evaluates fold 0 with the protocol of method.md §5, prints the validation curve and the
 # per-organ Dice table and says where the predictions, overlays and progress.png are.
 #
 # Sized for the machine: on CUDA the full configuration (official schedule, native 256 px); on a CPU a
@@ -56,7 +56,7 @@ else
         --n-slices "${DIFD_DEMO_SLICES:-30}" --size "${DIFD_DEMO_PHANTOM_SIZE:-256}" --seed "${DIFD_DEMO_SEED:-0}"
 fi
 
-# 2. Supervoxels (spec section 2); kept when every image already has one (e.g. the published ones).
+# 2. Supervoxels (method.md §2); kept when every image already has one (e.g. the published ones).
 sv_dir="$data_root/CHAOST2/supervoxels_$n_sv"
 image_dir="$data_root/CHAOST2/chaos_MR_T2_normalized"
 if [ ! -d "$image_dir" ]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evaluate the 5 folds of one dataset and setting (spec section 5), then write the per-organ Dice table.
+# Evaluate the 5 folds of one dataset and setting (method.md §5), then write the per-organ Dice table.
 # Usage: bash script/evaluate.sh [abd_mri|abd_ct|cmr] [setting1|setting2] [Sacred overrides ...]
 # Each fold is evaluated with the newest snapshot of its run folder runs/<DATASET>_setting<k>/fold<f>/snapshots/
 # (test.py finds it; a fold without snapshot is an error). Results: fold<f>/test/<id>/results.json, and the

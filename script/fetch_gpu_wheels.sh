@@ -4,7 +4,7 @@
 # The host is assumed to have torch, torchvision, numpy, scipy, scikit-image, opencv, Cython, tqdm, packaging
 # and typing-extensions (a torch dependency); the benchmarks need nothing else. This fetches Sacred with its
 # pure-Python dependencies, setuptools (Sacred 0.8.7 imports pkg_resources, gone from setuptools 81) and
-# nibabel (dataloaders/io.py reads and writes NIfTI with it when SimpleITK is missing; its other dependency,
+# nibabel (dataloaders/nifti.py reads and writes NIfTI with it when SimpleITK is missing; its other dependency,
 # importlib-resources, is fetched only for Python < 3.12). SimpleITK (53 MB) is not fetched: only
 # preprocessing and supervoxel generation need it. Versions of the packages named in requirements.txt come
 # from it; their dependencies are pinned here. Size for Python 3.12: 4.9 MB in all (nibabel 3.3 MB), far

@@ -50,10 +50,10 @@ goal="${DIFD_LC_GOAL:-60}"
 precision="${DIFD_LC_PRECISION:-auto}"
 if [ "$precision" = auto ]; then
     # bf16 only where it is fast: emulated bf16 is slower than fp32
-    precision="$(python -c 'import runtime; print("bf16" if runtime.cpu_has_native_bf16() else "fp32")')"
+    precision="$(python -c 'from engine.runtime import cpu_has_native_bf16; print("bf16" if cpu_has_native_bf16() else "fp32")')"
     [ "$device" = cpu ] || precision=fp32
 fi
-# 200 pixels at 256 px (spec section 3, step 4), scaled with the slice area
+# 200 pixels at 256 px (method.md §3, step 4), scaled with the slice area
 min_size=$(( 200 * size * size / (256 * 256) ))
 [ "$min_size" -ge 1 ] || min_size=1
 

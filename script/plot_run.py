@@ -21,9 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from progress import VAL_PREFIX, draw_progress, merge_metrics, read_metrics, validation_table  # noqa: E402 (after the path set-up)
+from engine.progress import VAL_PREFIX, draw_progress, merge_metrics, read_metrics, validation_table
 
 
 def main(argv: list[str] | None = None) -> int:

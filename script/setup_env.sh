@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Shared set-up for script/test.sh, script/demo.sh and script/learning_check.sh: creates .venv if absent
-# (reuses it otherwise), installs the pinned requirements and builds the Cython supervoxel extension in place.
+# (reuses it otherwise), installs the pinned requirements, installs the project itself in editable mode
+# (`pip install -e .`: every module importable from anywhere) and builds the Cython supervoxel extension in
+# place.
 # Usage (from the repository root; leaves .venv activated):
 #   source script/setup_env.sh install         set up as above
 #   source script/setup_env.sh activate-only   only activate an existing .venv (CI and the tests, where
@@ -36,6 +38,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing requirements.txt into .venv"
     python -m pip install --quiet -r requirements.txt
     echo "$want" > "$stamp"
+fi
+
+# The project in editable mode, built with the pinned setuptools of .venv (no download), once per .venv.
+if ! python -c 'import importlib.metadata as m; m.distribution("difd")' >/dev/null 2>&1; then
+    echo "[setup] installing the project in editable mode (pip install -e .)"
+    python -m pip install --quiet --no-build-isolation --no-deps -e .
 fi
 
 if [ -f data/supervoxels/setup.py ]; then

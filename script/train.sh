@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train DIFD on the 5 folds of one dataset and setting (spec sections 3-4; official schedule).
+# Train DIFD on the 5 folds of one dataset and setting (method.md §3-§4; official schedule).
 # Usage: bash script/train.sh [abd_mri|abd_ct|cmr] [setting1|setting2] [Sacred overrides ...]
 #   e.g. bash script/train.sh abd_ct setting2 pretrained_path=/data/weights/deeplabv3_resnet101_coco-586e9e4e.pth
 # Folds: FOLDS="0 1 2 3 4" (default). Each fold gets its own run folder runs/<DATASET>_setting<k>/fold<f>/;

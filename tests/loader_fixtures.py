@@ -1,4 +1,4 @@
-"""Synthetic datasets in the on-disk layout of spec section 1, written to a temporary folder."""
+"""Synthetic datasets in the on-disk layout of method.md §1, written to a temporary folder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Naive, loop-for-loop port of the DIFD head and losses (spec 4), the reference for the fast model.
+"""Naive, loop-for-loop port of the DIFD head and losses (method.md §4), the reference for the fast model.
 
 Written from the specification: one Python iteration per episode, shot, query, SI window and RI box, direct
 slicing and summing as the official implementation does, the fusion factor from the full ``(h·w)²``

@@ -24,7 +24,7 @@ import torch
 import torchvision
 from torch import nn
 
-#: Feature channels C of the encoder output (spec 4.1).
+#: Feature channels C of the encoder output (method.md §4.1).
 C = 512
 
 

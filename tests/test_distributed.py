@@ -32,9 +32,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from dataloaders import TrainDataset, get_dataset_info, list_cases
-from models import DIFDLoss, build_difd
-from models.difd import DIFD
-from runtime import (
+from engine.runtime import (
     EpisodeIndices,
     build_sgd,
     init_distributed,
@@ -43,6 +41,8 @@ from runtime import (
     training_step,
     wrap_distributed,
 )
+from models import DIFDLoss, build_difd
+from models.difd import DIFD
 from tests.tiny_difd import TinyEncoder, tiny_difd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,7 +195,7 @@ def mini_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_train_py_under_torchrun(mini_root: Path, tmp_path: Path, one_thread):
-    from checkpoint import load_snapshot, read_snapshot
+    from engine.snapshots import load_snapshot, read_snapshot
     from train import training_case_ids
 
     common = [f"data_root={mini_root}", "eval_fold=1", f"path.log_dir={tmp_path}", "n_steps=2"]

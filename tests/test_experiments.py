@@ -25,10 +25,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from checkpoint import read_snapshot
 from dataloaders import list_cases
-from evaluation import predict_query_volume
-from metrics import dice_iou
+from engine.evaluation import predict_query_volume
+from engine.metrics import dice_iou
+from engine.snapshots import read_snapshot
 from tests.run_fixtures import load_test_script, make_mini_root, one_thread
 from tests.tiny_difd import tiny_difd
 

@@ -14,17 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from checkpoint import (
-    capture_rng_state,
-    latest_snapshot,
-    list_snapshots,
-    load_model_weights,
-    load_snapshot,
-    restore_rng_state,
-    save_snapshot,
-)
-from metrics import confusion_counts, dice_iou
-from utils import set_seed
+from engine.metrics import confusion_counts, dice_iou
+from engine.snapshots import latest_snapshot, list_snapshots, load_snapshot, save_snapshot
+from models import load_model_weights
+from utils import capture_rng_state, restore_rng_state, set_seed
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -32,24 +32,19 @@ import torch
 import torchvision
 from torch import nn
 
-import checkpoint
-from checkpoint import (
-    load_model_weights,
-    load_resume_snapshot,
-    load_snapshot,
-    remove_stale_temporaries,
-    save_snapshot,
-)
 from data.CHAOST2 import preprocess as chaos
 from data.CMR import preprocess as cmr
 from data.SABS import preprocess as sabs
 from data.supervoxels import compare_published, generate_supervoxels
-from dataloaders import TestDataset, TrainDataset, get_dataset_info, list_cases, read_case
-from dataloaders.io import dataset_folders, read_volume
-from models import build_difd
+from dataloaders import TestDataset, TrainDataset, get_dataset_info, list_cases, read_case, read_volume
+from dataloaders.cases import dataset_folders
+from engine.snapshots import load_resume_snapshot, load_snapshot, save_snapshot
+from models import build_difd, load_model_weights
 from models.encoder import Res101Encoder
+from models.weights import SNAPSHOT_FORMAT, WEIGHTS_FORMAT
 from tests.damage import flip_silent_bit, put_voxels, truncate
 from tests.test_preprocess import _write_chaos_case
+from utils import remove_stale_temporaries
 
 CMR = get_dataset_info("CMR")
 TRAIN_CASE = 13  # 11 slices, a training case of fold 0
@@ -461,10 +456,10 @@ def finished_run_keeps_one_resume_state(ctx: Ctx) -> Expect:
     def check(result: Any, log: str) -> None:
         kinds = {p.name: torch.load(p, weights_only=False)["format"] for p in folder.iterdir()}
         assert kinds == {
-            "3.pth": checkpoint.WEIGHTS_FORMAT,
-            "6.pth": checkpoint.WEIGHTS_FORMAT,
-            "9.pth": checkpoint.SNAPSHOT_FORMAT,
-            "10.pth": checkpoint.WEIGHTS_FORMAT,
+            "3.pth": WEIGHTS_FORMAT,
+            "6.pth": WEIGHTS_FORMAT,
+            "9.pth": SNAPSHOT_FORMAT,
+            "10.pth": WEIGHTS_FORMAT,
         }
         assert result[0].name == "10.pth"  # finished: nothing to resume, the final weights are returned
 
@@ -649,7 +644,7 @@ def snapshot_with_other_decoders(ctx: Ctx) -> Expect:
     folder = ctx.tmp / "snapshots"
     model = _meta_difd(extra_maps=True)
     state = _expanded(model.state_dict())
-    payload = {"format": checkpoint.WEIGHTS_FORMAT, "step": 5, "model": state}
+    payload = {"format": WEIGHTS_FORMAT, "step": 5, "model": state}
     payload["config"] = {"dataset": "CMR", "decoder_extra_maps": True}
     folder.mkdir()
     torch.save(payload, folder / "5.pth")

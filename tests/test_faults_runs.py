@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 import torch
 
-from checkpoint import SNAPSHOT_FORMAT
 from models import build_difd
+from models.weights import SNAPSHOT_FORMAT
 from tests.run_fixtures import load_test_script, make_mini_root, one_thread
 
 REPO = Path(__file__).resolve().parent.parent

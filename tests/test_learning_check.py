@@ -13,7 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-import runtime
+from engine import runtime
 from tests.run_fixtures import make_mini_root
 
 REPO = Path(__file__).resolve().parent.parent

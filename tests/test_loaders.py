@@ -1,4 +1,4 @@
-"""Dataset table, volume reader, augmentation and the evaluation formulas (spec sections 1, 3, 5)."""
+"""Dataset table, volume reader, augmentation and the evaluation formulas (method.md §1, §3, §5)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,26 @@ from dataloaders import (
     DATASETS,
     apply_gamma,
     apply_geometry,
+    check_case,
     chunk_bounds,
     get_dataset_info,
     identity_gamma,
     identity_geometry,
     list_cases,
+    normalize_volume,
     read_case,
+    remap_labels,
+    resize_slices,
     sample_gamma,
     sample_geometry,
     support_slice_indices,
 )
 from dataloaders.augment import GeometryParams, affine_matrices
-from dataloaders.io import check_case, normalize_volume, remap_labels, resize_slices
 from tests.loader_fixtures import SYN, make_root, synthetic_case, write
 
 # --------------------------------------------------------------------------------------------- dataset table
 
-#: Spec section 1 fold table, as printed: inclusive position ranges, fold 4 also holds position 0.
+#: method.md §1 fold table, as printed: inclusive position ranges, fold 4 also holds position 0.
 SPEC_FOLDS = {
     "CHAOST2": [(0, 4), (4, 8), (8, 12), (12, 16), (16, 19)],
     "SABS": [(0, 6), (6, 12), (12, 18), (18, 24), (24, 29)],
@@ -85,9 +88,9 @@ def test_list_cases_pairs_by_id_sorted_numerically(tmp_path: Path) -> None:
         assert case.supervoxel.name == f"superpix-MIDDLE_{case.case_id}.nii.gz"
     volume = read_case(cases[1], SYN)
     image, label, sv = synthetic_case(11)
-    np.testing.assert_allclose(volume.image, image.astype(np.float32))
-    np.testing.assert_array_equal(volume.label, label)
-    np.testing.assert_array_equal(volume.supervoxel, sv)
+    np.testing.assert_allclose(volume.image.array, image.astype(np.float32))
+    np.testing.assert_array_equal(volume.label.array, label)
+    np.testing.assert_array_equal(volume.supervoxel.array, sv)
     assert volume.geometry.spacing == (1.5, 1.5, 5.0)
     assert len(volume.geometry.direction) == 9
 
@@ -185,7 +188,7 @@ def test_real_cmr_labels_remapped(data_root: Path) -> None:
     case = list_cases("CMR", root, supervoxels=True)[0]
     volume = read_case(case, "CMR")
     assert case.case_id == 1
-    values, counts = np.unique(volume.label, return_counts=True)
+    values, counts = np.unique(volume.label.array, return_counts=True)
     # README counts of case 1: 200 (LV-MYO) 10410, 500 (LV-BP) 11034, 600 (RV) 8618
     assert values.tolist() == [0, 1, 2, 3]
     assert counts[1:].tolist() == [10410, 11034, 8618]
@@ -197,7 +200,7 @@ def test_real_sabs_257_volumes_load(data_root: Path) -> None:
     case = list_cases("SABS", root, supervoxels=True)[0]
     volume = read_case(case, "SABS")
     assert volume.image.shape == volume.label.shape == volume.supervoxel.shape == (148, 257, 257)
-    assert volume.label.max() == 13 and volume.label.dtype == np.uint8
+    assert volume.label.array.max() == 13 and volume.label.array.dtype == np.uint8
     assert volume.geometry.spacing[2] == 3.0
 
 

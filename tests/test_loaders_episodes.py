@@ -1,4 +1,4 @@
-"""TrainDataset episodes (spec section 3) and the TestDataset protocol (spec section 5)."""
+"""TrainDataset episodes (method.md §3) and the TestDataset protocol (method.md §5)."""
 
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ def _real(data_root: Path, name: str) -> Path:
 def test_real_chaost2_setting2_episodes(data_root: Path) -> None:
     root = _real(data_root, "CHAOST2")
     ds = TrainDataset("CHAOST2", root, eval_fold=0, exclude_label=[1, 2, 3, 4], case_ids=[10, 13], length=30)
-    labels = {c.case_id: read_case(c, "CHAOST2").label for c in list_cases("CHAOST2", root)[5:7]}
+    labels = {c.case_id: read_case(c, "CHAOST2").label.array for c in list_cases("CHAOST2", root)[5:7]}
     assert sorted(labels) == [10, 13]
     for i in range(30):
         episode = ds[i]

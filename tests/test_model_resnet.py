@@ -17,8 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from checkpoint import load_model_weights
-from models import DIFDLoss, build_difd
+from models import DIFDLoss, build_difd, load_model_weights
 from models.encoder import Res101Encoder
 from tests.naive_difd import naive_forward
 from tests.official_tree import OfficialDIFD
@@ -162,8 +161,9 @@ def test_gradients_reach_every_parameter_but_reduce2(encoder):
 
 
 def official_layout(in_channels: int) -> dict[str, torch.Tensor]:
-    """A state dict with the official module tree's names and shapes (spec section 6), random values: the
-    parameters the spec lists, every BatchNorm buffer of the trunk, and the loss's ``criterion.weight``."""
+    """A state dict with the official module tree's names and shapes (method.md §6), random values: the
+    parameters method.md §6 lists, every BatchNorm buffer of the trunk, and the loss's
+    ``criterion.weight``."""
     gen = torch.Generator().manual_seed(0)
     trunk = torchvision.models.resnet101(weights=None).state_dict()
     state = {

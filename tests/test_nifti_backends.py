@@ -1,4 +1,4 @@
-"""The two NIfTI backends of dataloaders/io.py (SimpleITK and nibabel) agree on real files, read each
+"""The two NIfTI backends of dataloaders/nifti.py (SimpleITK and nibabel) agree on real files, read each
 other's output, fail alike on broken files, and a training episode can be drawn without SimpleITK."""
 
 from __future__ import annotations
@@ -11,15 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataloaders import TrainDataset
-from dataloaders.io import (
-    Geometry,
-    dataset_folders,
-    read_header,
-    read_volume,
-    select_nifti_backend,
-    write_volume,
-)
+from dataloaders import Geometry, TrainDataset, read_header, read_volume, write_volume
+from dataloaders.cases import dataset_folders
+from dataloaders.nifti import select_nifti_backend
 from tests.damage import flip_silent_bit
 
 pytest.importorskip("SimpleITK")
@@ -150,9 +144,9 @@ NO_SITK_SCRIPT = """
 import json, sys
 sys.modules["SimpleITK"] = None  # any import of SimpleITK now raises ImportError
 import numpy as np
-import dataloaders, dataloaders.io, evaluation, train, test
+import dataloaders, dataloaders.nifti, dataloaders.volume, engine.evaluation as evaluation, train, test
 from dataloaders import TrainDataset, read_volume
-assert dataloaders.io.NIFTI_BACKEND == "nibabel", dataloaders.io.NIFTI_BACKEND
+assert dataloaders.nifti.NIFTI_BACKEND == "nibabel", dataloaders.nifti.NIFTI_BACKEND
 root, out = sys.argv[1], sys.argv[2]
 ds = TrainDataset("CHAOST2", root, eval_fold=0, case_ids=[10, 13], image_size=64, length=4, seed=3)
 episode = ds[1]
@@ -160,7 +154,7 @@ case = dataloaders.list_cases("CHAOST2", root)[0]
 label, geometry = read_volume(case.label)
 evaluation.save_prediction_nifti(label[5:7] > 0, np.array([5, 6]), label.shape, geometry, out)
 try:
-    dataloaders.io.require_simpleitk("preprocessing")
+    dataloaders.volume.require_simpleitk("preprocessing")
 except ImportError as err:
     message = str(err)
 print(json.dumps({

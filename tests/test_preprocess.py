@@ -1,10 +1,10 @@
-"""Preprocessing commands (spec section 1b) on small synthetic raw inputs written by the tests.
+"""Preprocessing commands (method.md §1b) on small synthetic raw inputs written by the tests.
 
 Raw downloads are not available offline, so each test writes a miniature raw dataset into ``tmp_path``:
 a CHAOS-style DICOM series (SimpleITK writer, ImagePositionPatient / InstanceNumber tags) with PNG ground
 truth named ``IMG-0004-<n>.png``, MS-CMRSeg-style NIfTI pairs and Synapse-style NIfTI pairs. Checked: output
-sizes (spec size rule), spacing, label values, intensity ranges, geometry carried (every organ stays at its
-physical position), idempotence, and the errors for bad inputs.
+sizes (the size rule of method.md §1b), spacing, label values, intensity ranges, geometry carried (every
+organ stays at its physical position), idempotence, and the errors for bad inputs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from data.CHAOST2 import preprocess as chaos
 from data.CMR import preprocess as cmr
 from data.preprocessing import centre_crop_or_pad, crop_or_pad_inplane, resample_label, resampled_size
 from data.SABS import preprocess as sabs
-from dataloaders.io import list_cases, read_case
+from dataloaders import list_cases, read_case
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -481,5 +481,5 @@ def test_outputs_are_read_by_the_loaders(tmp_path: Path):
         (case,) = list_cases(dataset, root)
         volume = read_case(case, dataset)
         assert volume.case_id == case_id
-        assert set(np.unique(volume.label).tolist()) == classes
+        assert set(np.unique(volume.label.array).tolist()) == classes
         assert volume.image.shape == volume.label.shape

@@ -23,14 +23,17 @@ import SimpleITK as sitk
 import torch
 
 import segment
-from checkpoint import SNAPSHOT_FORMAT, WEIGHTS_FORMAT
 from data.SABS.preprocess import cut_and_resample, normalise_intensity
-from dataloaders.io import Geometry, read_header
+from dataloaders import AxisMap, Geometry, Volume, read_header
+from engine import overlays
 from inference import outputs
+from inference.label_maps import combine_labels
+from inference.prediction import estimate_extent
 from inference.presets import CMR_DIRECTION, LAS_DIRECTION, get_preset, sabs_inplane
-from inference.segmenter import Segmenter, combine_labels, estimate_extent, sha256_of
-from inference.volumes import AxisMap, Volume, read_scan
+from inference.scans import read_scan
+from inference.segmenter import Segmenter, sha256_of
 from models import build_difd
+from models.weights import SNAPSHOT_FORMAT, WEIGHTS_FORMAT
 from tests.damage import flip_silent_bit
 from tests.segment_fixtures import copy_on_other_grid
 from tests.tiny_difd import tiny_difd
@@ -487,7 +490,7 @@ def _inputs(tmp_path: Path) -> dict[str, Path]:
         "shifted_label": _small(tmp_path, "shifted.nii.gz", label, origin=(0.0, 3.0, 0.0)),
         "float_label": _small(tmp_path, "float_label.nii.gz", label * np.float32(0.5)),
         "nan_query": _small(tmp_path, "nan.mha", nan_query),
-        # SimpleITK's own NIfTI reader returns NaN voxels as 0; dataloaders.io.read_volume refuses them
+        # SimpleITK's own NIfTI reader returns NaN voxels as 0; dataloaders.nifti.read_volume refuses them
         "nan_nifti": _small(tmp_path, "nan.nii.gz", nan_query),
         "damaged_nifti": _small(tmp_path, "damaged.nii.gz", query),
         "empty_query": _small(tmp_path, "empty.nii.gz", np.zeros((6, 40, 40), dtype=np.float32)),
@@ -568,14 +571,14 @@ def test_interrupted_writes_leave_no_partial_file(tmp_path, monkeypatch):
     )
     labels = Volume((volume.array > 30).astype(np.uint8), volume.geometry)
 
-    def partial_write(array, geometry, path):
+    def partial_write(image, path, *args):
         Path(path).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(outputs, "write_volume", partial_write)
+    monkeypatch.setattr(sitk, "WriteImage", partial_write)
     with pytest.raises(KeyboardInterrupt):
         outputs.write_label_map(labels, tmp_path / "q.nii.gz")
-    monkeypatch.setattr(outputs.cv2, "imwrite", lambda *a: False)
+    monkeypatch.setattr(overlays.cv2, "imencode", lambda *a: (False, None))
     with pytest.raises(OSError, match="could not write"):
         outputs.write_overlays(volume, labels, [1], tmp_path / "q_overlays")
     assert list(tmp_path.iterdir()) == []

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from dataloaders import TestDataset
-from models import DIFDLoss, build_difd
-from runtime import (
+from engine.runtime import (
     apply_memory_format,
     autocast,
     build_sgd,
@@ -30,6 +29,7 @@ from runtime import (
     freeze_unused_parameters,
     training_step,
 )
+from models import DIFDLoss, build_difd
 from tests.tiny_difd import TinyEncoder, tiny_difd
 
 SIZE = 64

@@ -1,4 +1,4 @@
-"""3D Felzenszwalb supervoxels (spec section 2): classic argsort order, graph, exact published files, CLI."""
+"""3D Felzenszwalb supervoxels (method.md §2): classic argsort order, graph, exact published files, CLI."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "classic_argsort_numpy1_24.json"
 #: dependency): tie-heavy arrays, median-of-three adversaries that reach the heapsort fallback, NaNs.
 ARGSORT_CASES = json.loads(FIXTURES.read_text())["cases"]
 
-#: The spec's edge table, written out independently of the extension: (a offset, b offset, weight).
+#: The edge table of method.md §2, written out independently of the extension: (a offset, b offset, weight).
 SPEC_BLOCKS = [
     ((0, 1, 0), (0, 0, 0), 0), ((0, 1, 1), (0, 0, 0), 0), ((0, 0, 1), (0, 0, 0), 0),
     ((0, 1, 0), (0, 0, 1), 0), ((1, 1, 0), (0, 0, 0), 2), ((1, 1, 1), (0, 0, 0), 3),
@@ -50,7 +50,7 @@ def _block(array: np.ndarray, offset: tuple[int, int, int], extent: tuple[int, i
 
 
 def _reference_graph(image: np.ndarray, weights: tuple[float, ...]) -> tuple[np.ndarray, ...]:
-    """Endpoints and costs of every edge by NumPy slicing, block by block as the spec's table."""
+    """Endpoints and costs of every edge by NumPy slicing, block by block as method.md §2's table."""
     index = np.arange(image.size).reshape(image.shape)
     a, b, costs = [], [], []
     for off_a, off_b, w in SPEC_BLOCKS:

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import capture_rng_state, restore_rng_state
 from dataloaders import TestDataset
-from evaluation import evaluate_class, validate
-from progress import merge_metrics, smooth, validation_table
+from engine.evaluation import evaluate_class, validate
+from engine.progress import merge_metrics, smooth, validation_table
 from tests.run_fixtures import make_mini_root, one_thread
 from tests.tiny_difd import tiny_difd
+from utils import capture_rng_state, restore_rng_state
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Preprocess CHAOS MR T2-SPIR scans into ``chaos_MR_T2_normalized`` (spec section 1b, CHAOS).
+"""Preprocess CHAOS MR T2-SPIR scans into ``chaos_MR_T2_normalized`` (method.md §1b, CHAOS).
 
 Usage (from the repository root)::
 
@@ -21,7 +21,7 @@ Steps per case:
    (matching step 1), grey values 0/63/126/189/252 -> 0..4 (background, liver, right kidney, left kidney,
    spleen; a fixed table, so a case without some organ still maps correctly), geometry from the image.
 3. Clip intensities above the 99.5th percentile (pixel type kept).
-4. Linear resampling to (1.25, 1.25, 7.70) mm with the spec's size rule; labels per value.
+4. Linear resampling to (1.25, 1.25, 7.70) mm with the size rule of method.md §1b; labels per value.
 5. Centre crop/pad to 256 x 256 (image minimum / label 0), origin moved accordingly.
 
 Idempotent: every selected case is recomputed and its two files overwritten (other files in the output folder
@@ -31,16 +31,12 @@ slices, PNGs whose count or size does not match the series, grey values outside 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from data.preprocessing import (  # noqa: E402
+from data.preprocessing import (
     build_parser,
     check_label_values,
     mr_image_steps,
@@ -49,8 +45,9 @@ from data.preprocessing import (  # noqa: E402
     select_ids,
     write_case,
 )
-from dataloaders.datasets import get_dataset_info  # noqa: E402
-from dataloaders.io import read_image, require_simpleitk  # noqa: E402
+from dataloaders.datasets import get_dataset_info
+from dataloaders.nifti import read_image
+from dataloaders.volume import require_simpleitk
 
 sitk = require_simpleitk("data/CHAOST2/preprocess.py")
 

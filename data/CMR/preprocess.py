@@ -1,4 +1,4 @@
-"""Preprocess MS-CMRSeg 2019 bSSFP (C0) scans into ``cmr_MR_normalized`` (spec section 1b, CMR).
+"""Preprocess MS-CMRSeg 2019 bSSFP (C0) scans into ``cmr_MR_normalized`` (method.md §1b, CMR).
 
 Usage (from the repository root)::
 
@@ -9,12 +9,12 @@ Usage (from the repository root)::
 and labels may sit in different sub-folders, as in the challenge download); case id = ``N``.
 Writes ``<output>/cmr_MR_normalized/image_<N>.nii.gz`` and ``label_<N>.nii.gz`` (float64, 256 x 256 x Z).
 
-Steps per case (spec 1b steps 3-6): labels 200/500/600 mapped to 1/2/3 (LV-MYO, LV-BP, RV), geometry taken
-from the image; clip above the 99.5th intensity percentile; linear resampling to (1.25, 1.25, 7.99) mm with
-the per-value label rule; centre crop/pad to 256 x 256 (image minimum / label 0).
+Steps per case (method.md §1b steps 3-6): labels 200/500/600 mapped to 1/2/3 (LV-MYO, LV-BP, RV), geometry
+taken from the image; clip above the 99.5th intensity percentile; linear resampling to (1.25, 1.25, 7.99) mm
+with the per-value label rule; centre crop/pad to 256 x 256 (image minimum / label 0).
 
-Label values on disk: **1/2/3**, as spec 1b asks. The published copies keep the raw 200/500/600; the two are
-read identically by a loader that maps 200/500/600 to 1/2/3 and leaves 1/2/3 alone, and the resampled
+Label values on disk: **1/2/3**, as method.md §1b asks. The published copies keep the raw 200/500/600; the
+two are read identically by a loader that maps 200/500/600 to 1/2/3 and leaves 1/2/3 alone, and the resampled
 masks are the same because both orders of values agree. Raw labels may already hold 1/2/3 (then kept), but
 not a mix of both codings.
 
@@ -26,16 +26,12 @@ are left alone); equal inputs give byte-identical outputs. Errors: missing input
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from data.preprocessing import (  # noqa: E402
+from data.preprocessing import (
     build_parser,
     check_label_values,
     mr_image_steps,
@@ -44,8 +40,9 @@ from data.preprocessing import (  # noqa: E402
     select_ids,
     write_case,
 )
-from dataloaders.datasets import get_dataset_info  # noqa: E402
-from dataloaders.io import read_image, require_simpleitk  # noqa: E402
+from dataloaders.datasets import get_dataset_info
+from dataloaders.nifti import read_image
+from dataloaders.volume import require_simpleitk
 
 sitk = require_simpleitk("data/CMR/preprocess.py")
 
@@ -110,7 +107,7 @@ def map_labels(label: sitk.Image, source: Path) -> sitk.Image:
 
 
 def preprocess_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Image]:
-    """One raw case -> (image, label) at 1.25 x 1.25 x 7.99 mm, 256 x 256 in-plane (spec 1b, CMR)."""
+    """One raw case -> (image, label) at 1.25 x 1.25 x 7.99 mm, 256 x 256 in-plane (method.md §1b, CMR)."""
     image, label = read_image(image_path), read_image(label_path)
     if image.GetDimension() != 3 or image.GetSize() != label.GetSize():
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Preprocess Synapse multi-organ abdominal CT ("SABS") into ``sabs_CT_normalized`` (spec section 1b, SABS).
+"""Preprocess Synapse multi-organ abdominal CT ("SABS") into ``sabs_CT_normalized`` (method.md §1b, SABS).
 
 Usage (from the repository root)::
 
@@ -12,8 +12,8 @@ Cases are re-indexed 0, 1, ... in the sorted order of the raw image numbers (the
 
 Steps per case: clip to the CT window [-125, 275] HU and map it linearly onto [0, 255] (fixed window, so
 -125 -> 0 and 275 -> 255 in every volume); cut a 32-voxel border in-plane (512 -> 448); resample in-plane by
-the factor 448 / 256 = 1.75 (spacing x 1.75, z spacing unchanged; size rule of spec 1b, so 448 -> 257 and
-Z -> Z + 1 with zeros outside the original field), labels with the per-value rule. No crop to 256.
+the factor 448 / 256 = 1.75 (spacing x 1.75, z spacing unchanged; size rule of method.md §1b, so 448 -> 257
+and Z -> Z + 1 with zeros outside the original field), labels with the per-value rule. No crop to 256.
 
 Geometry is carried through every step: unlike the published copies (origin 0, identity direction), the
 outputs keep the raw direction and an origin moved by the 32-voxel cut, so each voxel keeps its physical
@@ -27,16 +27,12 @@ are left alone); equal inputs give byte-identical outputs. Errors: missing input
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from data.preprocessing import (  # noqa: E402
+from data.preprocessing import (
     build_parser,
     check_label_values,
     crop_or_pad_inplane,
@@ -46,8 +42,9 @@ from data.preprocessing import (  # noqa: E402
     select_ids,
     write_case,
 )
-from dataloaders.datasets import get_dataset_info  # noqa: E402
-from dataloaders.io import read_image, require_simpleitk  # noqa: E402
+from dataloaders.datasets import get_dataset_info
+from dataloaders.nifti import read_image
+from dataloaders.volume import require_simpleitk
 
 sitk = require_simpleitk("data/SABS/preprocess.py")
 

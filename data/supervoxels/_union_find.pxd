@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Union-find over voxel indices for the 3D Felzenszwalb merge passes (spec section 2).
+"""Union-find over voxel indices for the 3D Felzenszwalb merge passes (method.md §2).
 
 ``parent`` holds one entry per voxel; a root is a voxel whose parent is itself. Every join points the
 nodes on both paths to the *smaller* of the two roots, so a root is always the smallest voxel index of

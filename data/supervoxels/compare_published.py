@@ -20,9 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 import numpy as np
 
 from data.supervoxels.generate_supervoxels import (
@@ -32,7 +29,7 @@ from data.supervoxels.generate_supervoxels import (
     run_cases,
     select_cases,
 )
-from dataloaders.io import read_volume
+from dataloaders import read_volume
 
 
 def adjusted_rand_index(labels_a: np.ndarray, labels_b: np.ndarray) -> float:

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""3D Felzenszwalb-Huttenlocher graph segmentation (spec section 2, supervoxel pseudo-labels).
+"""3D Felzenszwalb-Huttenlocher graph segmentation (method.md §2, supervoxel pseudo-labels).
 
 Everything that decides which partition comes out is fixed here, in the order the published supervoxels
 were computed:

@@ -1,4 +1,4 @@
-"""Supervoxel pseudo-labels for a dataset (spec section 2), one ``superpix-MIDDLE_<id>.nii.gz`` per image.
+"""Supervoxel pseudo-labels for a dataset (method.md §2), one ``superpix-MIDDLE_<id>.nii.gz`` per image.
 
 For each ``<data_root>/<DATASET>/<image_folder>/image_<id>.nii.gz``:
 
@@ -38,15 +38,13 @@ from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
 
+from dataloaders import Geometry, read_volume, write_volume
 from dataloaders.datasets import DATASETS, DatasetInfo, get_dataset_info
-from dataloaders.io import Geometry, read_volume, require_simpleitk, write_volume
+from dataloaders.volume import require_simpleitk
 
 try:
     from data.supervoxels.felzenszwalb_3d_cy import felzenszwalb_3d
@@ -171,13 +169,7 @@ class CaseResult:
 def _generate_case(case_id: int, image_path: Path, n_sv: int, target: Path) -> CaseResult:
     start = time.perf_counter()
     labels, geometry = compute_supervoxels(image_path, n_sv)
-    # Write beside the target, then rename: an interrupted run never leaves a truncated file behind.
-    partial = target.parent / f".partial-{os.getpid()}-{target.name}"
-    try:
-        write_volume(labels, geometry, partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_volume(labels, geometry, target)  # atomic: an interrupted run never leaves a truncated file
     return CaseResult(case_id, target, int(len(np.unique(labels))), time.perf_counter() - start)
 
 

@@ -10,8 +10,8 @@ is drawn thicker). No torch here, so that ``script/plot_run.py`` starts quickly.
 Three panels against the training step: the four loss terms and their total (raw, thin, and smoothed by a
 bias-corrected exponential moving average), the learning rate (log scale), and the validation Dice per
 class and their mean (in %). matplotlib's Agg canvas is used directly (no pyplot, no display, no global
-state); the file is written to a temporary name and moved into place (``os.replace``), so a reader never
-sees a half-written picture. matplotlib is imported only when drawing: a GPU host without it still trains
+state); the file is written through :func:`utils.write_atomically`, so a reader never sees a half-written
+picture. matplotlib is imported only when drawing: a GPU host without it still trains
 (train.py warns that it draws no picture, :func:`missing_matplotlib`).
 """
 
@@ -21,6 +21,8 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from utils import write_atomically
 
 Metrics = dict[str, dict[str, list]]
 VAL_PREFIX = "val_dice_"
@@ -171,11 +173,4 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        figure.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100), what="picture")

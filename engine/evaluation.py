@@ -1,4 +1,4 @@
-"""Evaluation protocol of spec section 5, one code path for ``test.py`` and the validation during training:
+"""Evaluation protocol of method.md §5, one code path for ``test.py`` and the validation during training:
 batched prediction of a query volume, scoring per class (:func:`evaluate_class`), the validation wrapper
 (:func:`validate`) and the saved outputs of ``test.py`` (NIfTI prediction with the query's geometry, PNG
 overlay).
@@ -18,17 +18,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import capture_rng_state, restore_rng_state
-from dataloaders.io import Geometry, write_volume
-from dataloaders.test_dataset import TestDataset
-from metrics import dice_iou
-from runtime import autocast
+from dataloaders import Geometry, TestDataset, write_volume
+from engine.metrics import dice_iou
+from engine.overlays import render_overlay, write_png
+from engine.runtime import autocast
+from utils import capture_rng_state, restore_rng_state
 
 #: Called by :func:`evaluate_class` after each scored query volume: ``(query, pred, dice, iou)``, with
 #: ``query`` a ``TestDataset`` item and ``pred`` its ``(Zc, H, W)`` int64 prediction.
@@ -47,7 +46,7 @@ def predict_query_volume(
     device: torch.device,
     precision: str = "fp32",
 ) -> torch.Tensor:
-    """Binary prediction of a query volume's labelled slices (spec section 5, steps 3-4).
+    """Binary prediction of a query volume's labelled slices (method.md §5, steps 3-4).
 
     Args:
         support: ``imgs (n_part, 3, h, w)`` and ``masks (n_part, h, w)`` (``TestDataset.support()``).
@@ -82,7 +81,7 @@ def evaluate_class(
     precision: str = "fp32",
     on_query: QueryCallback | None = None,
 ) -> dict[str, Any]:
-    """Spec section 5 for one class: predict every query volume of ``test_set`` and score it.
+    """method.md §5 for one class: predict every query volume of ``test_set`` and score it.
 
     ``model`` must already be in eval mode. Query volumes without the class are skipped (listed under
     ``skipped``); a class that no query volume holds is a ``ValueError`` (``check_fold_classes`` finds it
@@ -166,22 +165,14 @@ def save_overlay(
     image: np.ndarray, gt: np.ndarray, pred: np.ndarray, path: str | os.PathLike, scale: int = 2
 ) -> Path:
     """PNG of one slice: the image in grey (1st-99th percentile window), the ground-truth outline in green
-    and the prediction outline in red. Shapes: ``image``, ``gt``, ``pred`` ``(H, W)``."""
+    and the prediction outline in red, ``scale`` times larger. Shapes: ``image``, ``gt``, ``pred``
+    ``(H, W)``."""
     if not image.shape == gt.shape == pred.shape or image.ndim != 2:
         raise ValueError(
             f"save_overlay: expected three (H, W) arrays, got {image.shape}, {gt.shape}, {pred.shape}"
         )
-    low, high = np.percentile(image, [1, 99])
-    grey = np.clip((image.astype(np.float32) - low) / max(float(high - low), 1e-6), 0, 1)
-    canvas = cv2.cvtColor((grey * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
     size = (image.shape[1] * scale, image.shape[0] * scale)
-    canvas = cv2.resize(canvas, size, interpolation=cv2.INTER_NEAREST)
-    for mask, colour in ((gt, GT_COLOUR), (pred, PRED_COLOUR)):
-        big = cv2.resize(np.asarray(mask, dtype=np.uint8), size, interpolation=cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(canvas, contours, -1, colour, 1)
+    picture = render_overlay(image, [(gt, GT_COLOUR), (pred, PRED_COLOUR)], size)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), canvas):
-        raise OSError(f"could not write {path}")
-    return path
+    return write_png(picture, path)

@@ -1,49 +1,37 @@
-"""Volume reader: NIfTI files to ``(Z, H, W)`` arrays plus geometry, paired by case id (spec section 1).
+"""NIfTI files: one checked reader and one writer behind the same interface for both backends.
 
-Axis order: SimpleITK's ``GetArrayFromImage`` gives ``(Z, H, W)`` = (slice, row, column), the order every
-array in this project uses. Geometry is kept as SimpleITK reports it: ``spacing`` and ``origin`` in
-``(x, y, z)`` order (millimetres), ``direction`` the row-major 3x3 cosine matrix as 9 floats, all in ITK's
-LPS world frame.
-
-Two NIfTI backends give the same arrays, dtypes and geometry: SimpleITK (the default when it is importable)
-and nibabel (pure Python, so a GPU host can train and test without SimpleITK). ``NIFTI_BACKEND`` is chosen
-once at import, ``$DIFD_NIFTI_BACKEND`` (``sitk`` or ``nibabel``) overrides it, and every reader/writer
-takes ``backend=`` for a single call. The voxels are decoded here for both (the header's ``(x, y, z)``
-Fortran order read as a C-ordered ``(Z, H, W)``), the backend parses the header into the geometry: nibabel's
-RAS affine becomes LPS by negating the first two rows; spacing = column norms, direction = normalised
-columns.
-Data preprocessing and supervoxel generation still need SimpleITK (:func:`require_simpleitk`).
+Two NIfTI backends give the same arrays, dtypes and geometry (:mod:`dataloaders.volume` states the axis
+order and the geometry's conventions): SimpleITK (the default when it is importable) and nibabel (pure
+Python, so a GPU host can train and test without SimpleITK). ``NIFTI_BACKEND`` is chosen once at import,
+``$DIFD_NIFTI_BACKEND`` (``sitk`` or ``nibabel``) overrides it, and every reader/writer takes ``backend=`` for
+a single call. The voxels are decoded here for both (the header's ``(x, y, z)`` Fortran order read as a
+C-ordered ``(Z, H, W)``), the backend parses the header into the geometry: nibabel's RAS affine becomes LPS
+by negating the first two rows; spacing = column norms, direction = normalised columns.
 
 Every voxel read goes through :func:`read_volume` (or :func:`read_image` for code that needs a
 ``SimpleITK.Image``): the file is read and decompressed once with its gzip CRC-32 checked, its length
 checked against the header, the voxels decoded from those bytes for both backends, and non-finite voxels
-refused (:func:`check_finite`). SimpleITK and nibabel on their own accept a ``.nii.gz`` with damaged bytes
-(they stop before the gzip trailer), and SimpleITK zero-fills a truncated file and turns NaN/±Inf into 0.
-:func:`read_header` reads the header only (shape checks before the voxels are read).
-
-Files of a dataset ``<data_root>/<NAME>/<image_folder>/image_<id>.nii.gz``, ``label_<id>.nii.gz`` and
-``<data_root>/<NAME>/supervoxels_<n_sv>/superpix-MIDDLE_<id>.nii.gz`` are paired by the integer ``<id>`` in
-their names (the official code paired them by position in three separately sorted lists). A file without
-its partner, partners of different shapes, or a damaged file is an error naming the file.
-Supervoxel files carry identity geometry; only their voxel arrays are used and the case's geometry is the
-image's.
+refused (:func:`~dataloaders.volume.check_finite`). SimpleITK and nibabel on their own accept a ``.nii.gz``
+with damaged bytes (they stop before the gzip trailer), and SimpleITK zero-fills a truncated file and turns
+NaN/±Inf into 0. :func:`read_header` reads the header only (shape checks before the voxels are read).
+:func:`write_volume` writes through :func:`utils.write_atomically`.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
 
-from .datasets import DatasetInfo, get_dataset_info
+from utils import write_atomically
+
+from .volume import Geometry, check_finite, require_simpleitk
 
 try:  # libdeflate: the checked gunzip of every NIfTI read about 3x faster than zlib (requirements.txt)
     import deflate as _deflate
@@ -55,8 +43,6 @@ if TYPE_CHECKING:
 
 #: NIfTI backends: SimpleITK and nibabel.
 NIFTI_BACKENDS = ("sitk", "nibabel")
-#: ITK's world frame is LPS, nibabel's RAS: the first two world axes change sign.
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def select_nifti_backend(requested: str | None = None) -> str:
@@ -78,18 +64,6 @@ def select_nifti_backend(requested: str | None = None) -> str:
 NIFTI_BACKEND = select_nifti_backend(os.environ.get("DIFD_NIFTI_BACKEND"))
 
 
-def require_simpleitk(purpose: str) -> ModuleType:
-    """The SimpleITK module, or ``ImportError`` saying that ``purpose`` needs it."""
-    try:
-        import SimpleITK
-    except ImportError as err:
-        raise ImportError(
-            f"{purpose} needs SimpleITK (pip install SimpleITK, pinned in requirements.txt); training and "
-            "testing do not (they read NIfTI with nibabel when SimpleITK is missing)"
-        ) from err
-    return SimpleITK
-
-
 def _require_nibabel() -> ModuleType:
     try:
         import nibabel
@@ -108,147 +82,6 @@ def _reason(err: BaseException) -> str:
     """Last line of an exception's message (SimpleITK's are multi-line), or its type when empty."""
     text = str(err).strip()
     return text.splitlines()[-1] if text else type(err).__name__
-
-
-#: channels one OpenCV call accepts (CV_CN_MAX: 512 in OpenCV 4, 128 in OpenCV 5)
-CV_MAX_CHANNELS = 128
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Physical placement of a volume, in SimpleITK's ``(x, y, z)`` order."""
-
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...]
-
-    @classmethod
-    def from_image(cls, image: sitk.Image | sitk.ImageFileReader) -> Geometry:
-        return cls(
-            spacing=tuple(float(v) for v in image.GetSpacing()),
-            origin=tuple(float(v) for v in image.GetOrigin()),
-            direction=tuple(float(v) for v in image.GetDirection()),
-        )
-
-    def apply_to(self, image: sitk.Image) -> sitk.Image:
-        """Copy this geometry onto ``image`` (in place) and return it."""
-        image.SetSpacing(self.spacing)
-        image.SetOrigin(self.origin)
-        image.SetDirection(self.direction)
-        return image
-
-    @classmethod
-    def from_ras_affine(cls, affine: np.ndarray) -> Geometry:
-        """Geometry of a nibabel ``(4, 4)`` voxel-to-RAS affine (no shear: columns are spacing x cosines)."""
-        lps = RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)[:3]
-        spacing = np.linalg.norm(lps[:, :3], axis=0)
-        direction = lps[:, :3] / spacing
-        return cls(
-            spacing=tuple(float(v) for v in spacing),
-            origin=tuple(float(v) for v in lps[:, 3]),
-            direction=tuple(float(v) for v in direction.ravel()),
-        )
-
-    def ras_affine(self) -> np.ndarray:
-        """The ``(4, 4)`` voxel-to-RAS affine nibabel writes for this geometry."""
-        affine = np.eye(4)
-        affine[:3, :3] = np.asarray(self.direction, dtype=np.float64).reshape(3, 3) * np.asarray(self.spacing)
-        affine[:3, 3] = self.origin
-        affine[:3] = RAS_TO_LPS @ affine[:3]
-        return affine
-
-
-@dataclass(frozen=True)
-class CaseFiles:
-    """The files of one case; ``supervoxel`` is None when supervoxels were not asked for."""
-
-    case_id: int
-    image: Path
-    label: Path
-    supervoxel: Path | None = None
-
-
-@dataclass
-class CaseVolume:
-    """One case in memory. Shapes: ``image``, ``label``, ``supervoxel`` all ``(Z, H, W)``.
-
-    ``image`` is float32 in stored units (not normalised), ``label`` uint8 class values after the dataset's
-    remap, ``supervoxel`` int32 ids (0 = background) or None.
-    """
-
-    case_id: int
-    image: np.ndarray
-    label: np.ndarray
-    supervoxel: np.ndarray | None
-    geometry: Geometry
-    files: CaseFiles
-
-
-def _ids_in(folder: Path, pattern: str) -> dict[int, Path]:
-    """Map case id -> path for the files in ``folder`` whose names match ``pattern`` (``{id}`` = digits)."""
-    prefix, suffix = pattern.split("{id}")
-    regex = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + r"\Z")
-    found = {}
-    for path in folder.iterdir():
-        match = regex.match(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return found
-
-
-def dataset_folders(
-    dataset: str | DatasetInfo, data_root: str | os.PathLike, n_sv: int | None = None
-) -> tuple[Path, Path]:
-    """``(image_folder, supervoxel_folder)`` of ``dataset`` under ``data_root`` (existence not checked)."""
-    info = get_dataset_info(dataset)
-    base = Path(data_root) / info.name
-    return base / info.image_folder, base / info.supervoxel_folder(n_sv)
-
-
-def list_cases(
-    dataset: str | DatasetInfo,
-    data_root: str | os.PathLike,
-    supervoxels: bool = False,
-    n_sv: int | None = None,
-) -> list[CaseFiles]:
-    """Every case of ``dataset`` under ``data_root``, sorted by integer case id.
-
-    Images, labels and (with ``supervoxels=True``) supervoxel files are paired by case id; any file whose
-    partner is missing raises ``FileNotFoundError`` naming the missing file. Fold positions index this list.
-    """
-    info = get_dataset_info(dataset)
-    image_dir, sv_dir = dataset_folders(info, data_root, n_sv)
-    if not image_dir.is_dir():
-        raise FileNotFoundError(
-            f"{info.name}: image folder not found: {image_dir} "
-            f"(expected <data_root>/{info.name}/{info.image_folder}/)"
-        )
-    images = _ids_in(image_dir, info.image_pattern)
-    labels = _ids_in(image_dir, info.label_pattern)
-    if not images:
-        raise FileNotFoundError(f"{info.name}: no files matching {info.image_pattern!r} in {image_dir}")
-    groups = [(images, image_dir, info.image_pattern), (labels, image_dir, info.label_pattern)]
-    if supervoxels:
-        if not sv_dir.is_dir():
-            raise FileNotFoundError(
-                f"{info.name}: supervoxel folder not found: {sv_dir} "
-                f"(make it with data/supervoxels/generate_supervoxels.py --dataset {info.name})"
-            )
-        groups.append((_ids_in(sv_dir, info.supervoxel_pattern), sv_dir, info.supervoxel_pattern))
-    all_ids = set().union(*(found for found, _, _ in groups))
-    for found, folder, pattern in groups:
-        missing = sorted(all_ids - set(found))
-        if missing:
-            others = [f for f, _, _ in groups if missing[0] in f]
-            raise FileNotFoundError(
-                f"{info.name}: missing {folder / pattern.format(id=missing[0])} "
-                f"(partner of {others[0][missing[0]]}); {len(missing)} case(s) lack this file: {missing}"
-            )
-    sv_files = groups[2][0] if supervoxels else {}
-    return [
-        CaseFiles(case_id=i, image=images[i], label=labels[i], supervoxel=sv_files.get(i))
-        for i in sorted(all_ids)
-    ]
 
 
 def read_header(path: str | os.PathLike, backend: str | None = None) -> tuple[tuple[int, int, int], Geometry]:
@@ -557,8 +390,9 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
 
 def write_volume(
     array: np.ndarray, geometry: Geometry, path: str | os.PathLike, backend: str | None = None
-) -> None:
-    """Write a ``(Z, H, W)`` array with ``geometry`` (e.g. a prediction saved beside its query volume).
+) -> Path:
+    """Write a ``(Z, H, W)`` array with ``geometry`` (e.g. a prediction saved beside its query volume),
+    through :func:`utils.write_atomically` (no partial file is ever visible under ``path``).
 
     Both backends write the array's dtype, qform and sform (code 1, scanner) and millimetre units, so either
     reads the file back with the same array and geometry.
@@ -567,147 +401,19 @@ def write_volume(
         raise ValueError(f"write_volume: expected a (Z, H, W) array, got shape {array.shape}")
     if _backend(backend) == "sitk":
         sitk = require_simpleitk("the SimpleITK NIfTI backend")
-        sitk.WriteImage(geometry.apply_to(sitk.GetImageFromArray(array)), str(path))
-        return
-    nib = _require_nibabel()
-    affine = geometry.ras_affine()
-    image = nib.Nifti1Image(np.asarray(array).T, affine, dtype=array.dtype)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm", "sec")
-    nib.save(image, str(path))
 
+        def write(tmp: Path) -> None:
+            sitk.WriteImage(geometry.apply_to(sitk.GetImageFromArray(array)), str(tmp))
 
-def check_case(case: CaseFiles) -> tuple[tuple[int, int, int], Geometry]:
-    """Read the headers of a case's files and check that their shapes agree. Returns shape and geometry."""
-    shape, geometry = read_header(case.image)
-    partners = [case.label] + ([case.supervoxel] if case.supervoxel is not None else [])
-    for path in partners:
-        other, _ = read_header(path)
-        if other != shape:
-            raise ValueError(
-                f"shape mismatch: {path} has (Z,H,W)={other}, its image {case.image} has {shape}"
-            )
-    return shape, geometry
+    else:
+        nib = _require_nibabel()
+        affine = geometry.ras_affine()
+        image = nib.Nifti1Image(np.asarray(array).T, affine, dtype=array.dtype)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        image.header.set_xyzt_units("mm", "sec")
 
+        def write(tmp: Path) -> None:
+            nib.save(image, str(tmp))
 
-def remap_labels(
-    label: np.ndarray, dataset: str | DatasetInfo, path: str | os.PathLike = "<array>"
-) -> np.ndarray:
-    """Turn stored label values into class values (uint8), applying the dataset's on-disk remap.
-
-    Values already equal to a class value are kept, so CMR labels stored as 1/2/3 load as well as the
-    published 200/500/600. Non-integer or unknown values raise ``ValueError`` naming ``path``.
-    """
-    info = get_dataset_info(dataset)
-    values = np.unique(label)
-    if not np.array_equal(values, np.rint(values)):
-        raise ValueError(
-            f"{path}: label values must be integers, found {values[values != np.rint(values)][:5]}"
-        )
-    table = {0: 0, **{v: v for v in info.label_names}, **dict(info.label_remap)}
-    unknown = [int(v) for v in values if int(v) not in table]
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown label values {unknown} for {info.name}; expected 0, {sorted(info.label_names)}"
-            + (f" or stored values {sorted(info.label_remap)}" if info.label_remap else "")
-        )
-    out = np.zeros(label.shape, dtype=np.uint8)
-    for v in values:
-        if table[int(v)] != 0:
-            out[label == v] = table[int(v)]
-    return out
-
-
-def read_case(case: CaseFiles, dataset: str | DatasetInfo) -> CaseVolume:
-    """Read image, label (remapped) and, when listed, supervoxels of one case; shapes must agree."""
-    image, geometry = read_volume(case.image)
-    label, _ = read_volume(case.label)
-    if label.shape != image.shape:
-        raise ValueError(
-            f"shape mismatch: {case.label} has (Z,H,W)={label.shape}, its image {case.image} has "
-            f"{image.shape}"
-        )
-    supervoxel = None
-    if case.supervoxel is not None:
-        supervoxel, _ = read_volume(case.supervoxel)
-        if supervoxel.shape != image.shape:
-            raise ValueError(
-                f"shape mismatch: {case.supervoxel} has (Z,H,W)={supervoxel.shape}, its image "
-                f"{case.image} has {image.shape}"
-            )
-        if not np.issubdtype(supervoxel.dtype, np.integer):
-            raise ValueError(
-                f"{case.supervoxel}: supervoxel ids must be integers, found dtype {supervoxel.dtype}"
-            )
-        supervoxel = supervoxel.astype(np.int32, copy=False)
-    return CaseVolume(
-        case_id=case.case_id,
-        image=image.astype(np.float32, copy=False),
-        label=remap_labels(label, dataset, case.label),
-        supervoxel=supervoxel,
-        geometry=geometry,
-        files=case,
-    )
-
-
-def check_finite(array: np.ndarray, source: str | os.PathLike = "<array>") -> None:
-    """Raise ``ValueError`` if a floating-point ``array`` holds NaN or ±Inf voxels.
-
-    The message names ``source``, counts the non-finite voxels by kind and gives the first one's index in
-    the array's own axis order (``(z, y, x)`` for the project's volumes). Integer arrays pass unchecked.
-    """
-    array = np.asarray(array)
-    if not np.issubdtype(array.dtype, np.floating):
-        return
-    bad = ~np.isfinite(array)
-    if not bad.any():
-        return
-    n_bad = int(np.count_nonzero(bad))
-    n_nan = int(np.count_nonzero(np.isnan(array)))
-    n_pos = int(np.count_nonzero(np.isposinf(array)))
-    first = tuple(int(v) for v in np.unravel_index(int(np.argmax(bad)), array.shape))
-    raise ValueError(
-        f"{source}: {n_bad} non-finite voxel(s) of {array.size} (NaN {n_nan}, +Inf {n_pos}, "
-        f"-Inf {n_bad - n_nan - n_pos}); the first at index {first} of shape {array.shape}"
-    )
-
-
-def normalize_volume(image: np.ndarray, path: str | os.PathLike = "<array>") -> np.ndarray:
-    """Spec section 1 normalisation: ``(img - mean) / std`` over the whole volume, as float32."""
-    image64 = image.astype(np.float64, copy=False)
-    std = float(image64.std())
-    if not np.isfinite(std) or std == 0.0:
-        raise ValueError(f"{path}: cannot normalise a constant or non-finite volume (std={std})")
-    return ((image64 - image64.mean()) / std).astype(np.float32)
-
-
-def resize_slices(array: np.ndarray, size: int | None, nearest: bool) -> np.ndarray:
-    """Resize every slice of ``(N, H, W)`` to ``(N, size, size)``: bilinear for images, nearest for labels.
-
-    ``size=None`` or a size equal to ``H`` and ``W`` returns the input unchanged.
-    """
-    if array.ndim != 3:
-        raise ValueError(f"resize_slices: expected (N, H, W), got shape {array.shape}")
-    if size is None or array.shape[1:] == (size, size):
-        return array
-    if int(size) < 1:
-        raise ValueError(f"resize_slices: size must be a positive int, got {size!r}")
-    interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    if array.shape[0] == 0:
-        return np.zeros((0, size, size), dtype=array.dtype)
-    work = array if nearest or array.dtype == np.float32 else array.astype(np.float32)
-    # one cv2 call takes at most CV_MAX_CHANNELS channels: slices go in as channel chunks
-    out = np.empty((array.shape[0], size, size), dtype=work.dtype)
-    for start in range(0, array.shape[0], CV_MAX_CHANNELS):
-        chunk = np.ascontiguousarray(work[start : start + CV_MAX_CHANNELS].transpose(1, 2, 0))
-        if nearest and chunk.dtype not in (np.uint8, np.uint16, np.int16, np.float32):
-            chunk = chunk.astype(np.float32)
-        resized = cv2.resize(chunk, (size, size), interpolation=interpolation)
-        out[start : start + CV_MAX_CHANNELS] = resized.reshape(size, size, -1).transpose(2, 0, 1)
-    return out
-
-
-def to_three_channels(slices: np.ndarray) -> np.ndarray:
-    """Repeat the single channel: ``(N, H, W) -> (N, 3, H, W)`` (spec section 1)."""
-    return np.repeat(slices[:, None], 3, axis=1)
+    return write_atomically(path, write, what="volume", keep_suffix=True)

@@ -1,0 +1,156 @@
+"""The training loop's companions: the monitor (logged losses, validation, ``progress.png``) and the stop
+request of the first Ctrl-C.
+
+:class:`Monitor` accumulates the loss terms on the device and synchronises only when it logs (every
+``print_interval`` steps): the mean terms and the learning rate go to Sacred's ``metrics.json``, the log and
+the progress bar. At each validation it records the Dice per class and their mean (``val_dice_<CLASS>``,
+``val_dice_mean``) and redraws ``progress.png`` (:mod:`engine.progress`). Rank 0 writes; under torchrun the
+other ranks only take part in the synchronisation, where the ranks also agree on a stop request.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from dataloaders import TestDataset
+from engine.evaluation import validate
+from engine.progress import draw_progress, missing_matplotlib
+from engine.runtime import LOSS_TERMS, DistributedContext
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A graceful stop (first Ctrl-C) after the snapshot of ``step`` was written.
+
+    A ``KeyboardInterrupt``, so that Sacred records the run as INTERRUPTED; ``__main__`` prints its one line
+    instead of a traceback.
+    """
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped at step {step}; continue with resume=True")
+
+
+class StopRequest:
+    """The first SIGINT sets :attr:`requested` (the loop stops after a snapshot); a second stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def close(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class Monitor:
+    """Logging and validation phases: loss sums on the device, learning rate, Sacred metrics, log lines,
+    progress bar, validation and ``progress.png`` (rank 0 writes; the others only take part in the sync)."""
+
+    def __init__(
+        self,
+        _run,
+        _log,
+        context: DistributedContext,
+        device: torch.device,
+        val_sets: Mapping[str, TestDataset] | None,
+        picture: Path,
+        title: str,
+        bar_label: str,
+        n_steps: int,
+        start_step: int,
+    ) -> None:
+        """``val_sets``: the validation's test sets by class name (None: no validation on this rank);
+        ``picture``: where ``progress.png`` goes, ``title`` its title; ``bar_label``: the progress bar's."""
+        self.run, self.logger, self.context = _run, _log, context
+        self.device, self.val_sets = device, val_sets
+        self.main = context.is_main
+        # Loss sums, then one slot that counts the ranks asking to stop (summed over ranks when logging).
+        self.running = torch.zeros(len(LOSS_TERMS) + 1, device=device)
+        self.n_running = 0
+        self.lr = float("nan")
+        self.history: dict[str, dict[str, list]] = {}  # metrics.json's layout, for progress.png
+        self.undrawn = False  # values recorded since progress.png was last drawn
+        self.postfix: dict[str, str] = {}
+        self.picture: Path | None = picture
+        if self.main and (reason := missing_matplotlib()):
+            _log.warning(
+                f"no progress.png: {reason}; metrics.json holds every value it would show "
+                "(script/plot_run.py draws it where matplotlib is installed)"
+            )
+            self.picture = None
+        self.title = title
+        self.progress = tqdm(
+            total=n_steps, initial=start_step, desc=bar_label, dynamic_ncols=True, disable=not self.main
+        )
+
+    def add(self, losses: torch.Tensor, lr: float) -> None:
+        """Accumulate one step's detached loss terms ``(5,)`` (no sync) and the learning rate it used."""
+        self.running[:-1] += losses
+        self.n_running += 1
+        self.lr = lr
+        self.progress.update(1)
+
+    def _record(self, name: str, value: float, step: int) -> None:
+        self.run.log_scalar(name, value, step)
+        series = self.history.setdefault(name, {"steps": [], "values": []})
+        series["steps"].append(step)
+        series["values"].append(value)
+        self.undrawn = True
+
+    def log(self, step: int, stop_requested: bool) -> bool:
+        """Log the mean loss terms since the last logging step (the one sync); returns whether any rank
+        asked to stop."""
+        if self.context.enabled:
+            self.running[-1] = float(stop_requested)
+            dist.all_reduce(self.running)
+            self.running[:-1] /= self.context.world_size
+        *means, n_stop = (self.running / self.n_running).tolist()
+        self.running.zero_()
+        self.n_running = 0
+        if self.main:
+            for name, value in zip(LOSS_TERMS, means, strict=True):
+                self._record(name, value, step)
+            self._record("lr", self.lr, step)
+            self.postfix.update({name: f"{value:.4f}" for name, value in zip(LOSS_TERMS, means, strict=True)})
+            self.progress.set_postfix(self.postfix)
+            terms = ", ".join(f"{name} {value:.5f}" for name, value in zip(LOSS_TERMS, means, strict=True))
+            self.logger.info(f"step {step}: {terms}, lr {self.lr:.3g}")
+        return n_stop > 0
+
+    def validate(self, step: int, model: nn.Module, precision: str) -> None:
+        """Validation Dice per class and mean (rank 0; the model is the unwrapped one), then the picture."""
+        if self.val_sets is None:
+            return
+        start = time.perf_counter()
+        dice = validate(model, self.val_sets, self.device, precision)
+        for name, value in dice.items():
+            self._record(f"val_dice_{name}", value, step)
+        self.postfix["val"] = f"{100 * dice['mean']:.1f}%"
+        self.progress.set_postfix(self.postfix)
+        n_cases = len(next(iter(self.val_sets.values())))
+        scores = ", ".join(f"{name} {100 * value:.2f} %" for name, value in dice.items())
+        self.logger.info(
+            f"step {step} validation ({n_cases} query volume(s), "
+            f"{time.perf_counter() - start:.1f} s): {scores}"
+        )
+        self.draw()
+
+    def draw(self) -> None:
+        """Rewrite ``progress.png`` (atomically) from what was logged so far, unless nothing was logged since
+        the last drawing (a validation and a snapshot at the same step draw once)."""
+        if self.main and self.picture is not None and self.undrawn:
+            draw_progress(self.history, self.picture, self.title)
+            self.undrawn = False
+
+    def close(self) -> None:
+        self.progress.close()

@@ -1,0 +1,200 @@
+"""Stage 1 of inference, the boundary: a user's scans read into :class:`~dataloaders.volume.Volume` objects,
+and every check of what a user gives (scans, label values, the support pair, query ranges), shared by
+``segment.py`` and the Python API (:mod:`inference.segmenter`).
+
+:func:`read_scan` reads NIfTI through :func:`dataloaders.nifti.read_volume` (so every check of the project's
+NIfTI reader applies), any other 3-D format SimpleITK reads (``.nrrd``, ``.mha``, ...) through SimpleITK,
+and a folder as a DICOM series; every scan read passes :func:`check_scan`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dataloaders import AxisMap, Volume, check_finite, read_volume
+from dataloaders.volume import require_simpleitk
+
+sitk = require_simpleitk("segment.py (inference)")
+
+#: File names read through dataloaders.nifti.read_volume.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: DICOM tag of the series description, shown when a folder holds several series.
+_SERIES_DESCRIPTION_TAG = "0008|103e"
+
+
+def check_scan(volume: Volume, source: str | os.PathLike, constant_ok: bool = False) -> Volume:
+    """Raise ``ValueError`` naming ``source`` for an empty, non-finite or (unless ``constant_ok``, for label
+    maps) constant scan; returns it."""
+    if volume.array.ndim != 3:
+        raise ValueError(f"{source}: expected a (Z, H, W) array, found shape {volume.array.shape}")
+    if volume.array.size == 0:
+        raise ValueError(f"{source}: the scan is empty (shape (Z,H,W)={volume.shape})")
+    check_finite(volume.array, source)
+    if not constant_ok and volume.array.min() == volume.array.max():
+        raise ValueError(
+            f"{source}: the scan is empty: every voxel has the value {volume.array.flat[0]} "
+            "(nothing to segment, and the intensity normalisation needs a spread)"
+        )
+    return volume
+
+
+def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """The DICOM series of ``folder``: ``{series instance UID: sorted file names}`` (GDCM's order)."""
+    folder = str(folder)
+    reader = sitk.ImageSeriesReader
+    return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in reader.GetGDCMSeriesIDs(folder)}
+
+
+def _series_description(path: str) -> str:
+    header = sitk.ImageFileReader()
+    header.SetFileName(path)
+    header.ReadImageInformation()
+    if header.HasMetaDataKey(_SERIES_DESCRIPTION_TAG):
+        return header.GetMetaData(_SERIES_DESCRIPTION_TAG).strip()
+    return ""
+
+
+def read_dicom_series(folder: Path, series: tuple[str, ...] = ()) -> sitk.Image:
+    """Read the one DICOM series of ``folder``, or the one whose UID is among ``series``.
+
+    Raises:
+        FileNotFoundError: the folder holds no DICOM series.
+        ValueError: several series and none (or several) of them chosen by ``series``; the message lists
+            every series with its UID, file count and description.
+    """
+    found = dicom_series(folder)
+    if not found:
+        raise FileNotFoundError(f"{folder}: expected a DICOM series in this folder, found none")
+    chosen = [uid for uid in found if uid in series] if len(found) > 1 else list(found)
+    if len(chosen) != 1:
+        listing = "; ".join(
+            f"{uid} ({len(files)} files, {_series_description(files[0])!r})" for uid, files in found.items()
+        )
+        asked = f"--series {list(series)} matches {len(chosen)} of them" if series else "choose one"
+        raise ValueError(f"{folder}: holds {len(found)} DICOM series ({asked} with --series UID): {listing}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(found[chosen[0]])
+    try:
+        return reader.Execute()
+    except RuntimeError as err:
+        raise ValueError(f"cannot read the DICOM series {chosen[0]} of {folder}: {_last_line(err)}") from err
+
+
+def _last_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
+
+
+def read_scan(path: str | os.PathLike, series: tuple[str, ...] = (), constant_ok: bool = False) -> Volume:
+    """Read a 3-D scan: a NIfTI file, any 3-D file SimpleITK reads, or a DICOM series folder.
+
+    ``series``: series instance UIDs to choose from when a DICOM folder holds several series. The result is
+    checked by :func:`check_scan` (non-empty, finite, not constant unless ``constant_ok``). A missing path
+    raises ``FileNotFoundError``; an unreadable, 2-D, 4-D, vector-valued or non-finite one ``ValueError``,
+    both naming the path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        volume = Volume.from_sitk(read_dicom_series(path, tuple(series)), path)
+    elif not path.is_file():
+        raise FileNotFoundError(f"scan not found: {path}")
+    elif path.name.endswith(NIFTI_SUFFIXES):
+        volume = Volume(*read_volume(path))
+    else:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            raise ValueError(f"cannot read {path}: {_last_line(err)}") from err
+        volume = Volume.from_sitk(image, path)
+    return check_scan(volume, path, constant_ok)
+
+
+def scan_name(path: str | os.PathLike) -> str:
+    """Output name of a scan: the file name without its image suffix, or the DICOM folder's name."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def check_labels(labels: Sequence[int]) -> list[int]:
+    """Label values to segment: at least one, positive, integers, no repeats."""
+    if not labels:
+        raise ValueError("labels: expected at least one label value to segment, got none")
+    bad = [v for v in labels if isinstance(v, bool) or int(v) != v or int(v) <= 0]
+    if bad or len(set(labels)) != len(labels):
+        raise ValueError(f"labels: expected distinct positive integers (0 is background), got {list(labels)}")
+    return [int(v) for v in labels]
+
+
+def check_support(image: Volume, label: Volume, labels: Sequence[int], sources: tuple[str, str]) -> list[int]:
+    """Support image and label: scans (:func:`check_scan`; the label may be constant) on one grid, the label
+    integer-valued and holding every requested value (:func:`check_labels`). Returns the labels as ints;
+    ``sources`` name the image and the label in errors."""
+    image_source, label_source = sources
+    labels = check_labels(labels)
+    check_scan(image, image_source)
+    check_scan(label, label_source, constant_ok=True)
+    if not image.same_grid(label):
+        raise ValueError(
+            f"support image and label are on different grids: {image_source} has {image.describe()}; "
+            f"{label_source} has {label.describe()}"
+        )
+    values = np.unique(label.array)
+    if not np.array_equal(values, np.rint(values)):
+        raise ValueError(
+            f"{label_source}: a label map must hold integers, found values such as "
+            f"{values[values != np.rint(values)][:5].tolist()}"
+        )
+    absent = [v for v in labels if v not in values]
+    if absent:
+        raise ValueError(
+            f"{label_source}: label value(s) {absent} not found; the support label holds "
+            f"{[int(v) for v in values if v != 0]} (and 0)"
+        )
+    return labels
+
+
+def check_query(
+    scan: Volume,
+    query_range: tuple[int, int] | None,
+    layout: AxisMap | None,
+    source: str | os.PathLike = "query",
+) -> tuple[int, int] | None:
+    """A query scan (:func:`check_scan`) and its known organ extent ``[z0, z1)`` on the scan's own slice
+    axis, if given: inside the scan and, when the ``layout`` the scan is brought into is known, along the
+    model's slice axis (:func:`check_slice_axis`). Returns the range as ints, or None."""
+    check_scan(scan, source)
+    if query_range is None:
+        return None
+    z0, z1 = (int(v) for v in query_range)
+    depth = scan.shape[0]
+    if not 0 <= z0 < z1 <= depth:
+        raise ValueError(f"{source}: query range {z0}:{z1} is outside its {depth} slices (0:{depth})")
+    if layout is not None:
+        check_slice_axis((z0, z1), layout, source)
+    return z0, z1
+
+
+def check_slice_axis(query_range: tuple[int, int] | None, layout: AxisMap, source: str | os.PathLike) -> None:
+    """A query range selects model slices only when the scan's slice axis stays the slice axis in the
+    ``layout`` the scan is brought into (:meth:`inference.presets.Preset.layout`)."""
+    if query_range is not None and not layout.keeps_slice_axis:
+        raise ValueError(
+            f"{source}: its slice axis is not the model's, so a query range along it does not select model "
+            "slices; omit the range for this query"
+        )
+
+
+def as_volume(image: sitk.Image | Volume, what: str) -> Volume:
+    """A :class:`Volume` from a SimpleITK image or a Volume (a ``TypeError`` for anything else)."""
+    if isinstance(image, Volume):
+        return image
+    if isinstance(image, sitk.Image):
+        return Volume.from_sitk(image, what)
+    raise TypeError(f"{what}: expected a SimpleITK image or an inference.Volume, got {type(image).__name__}")
