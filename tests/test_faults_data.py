@@ -48,6 +48,7 @@ from utils import remove_stale_temporaries
 
 CMR = get_dataset_info("CMR")
 TRAIN_CASE = 13  # 11 slices, a training case of fold 0
+EVAL_CASE = 2  # a query volume of fold 0 (its support volume is case 1)
 QUERY_CASE = 4  # 11 slices, a query of fold 0 (support: case 1)
 
 
@@ -304,6 +305,63 @@ def shape_mismatch(ctx: Ctx) -> Expect:
     sitk.WriteImage(image[:, :200, :], str(label))
     case = next(c for c in list_cases("CMR", root) if c.case_id == TRAIN_CASE)
     return Expect(lambda: read_case(case, "CMR"), r"shape mismatch: .*label_13\.nii\.gz")
+
+
+def _regeometried(path: Path, **changes: Any) -> None:
+    """Rewrite ``path`` with the same voxels and some of spacing, origin, direction changed."""
+    image = sitk.ReadImage(str(path))
+    for key, value in changes.items():
+        getattr(image, f"Set{key.capitalize()}")(value)
+    sitk.WriteImage(image, str(path))
+
+
+def label_other_spacing(ctx: Ctx) -> Expect:
+    root = ctx.cmr_root()
+    _regeometried(ctx.image(root, "label", TRAIN_CASE), spacing=(1.3, 1.25, 7.99))
+    return Expect(
+        lambda: TrainDataset("CMR", root, 0, use_gt=True, case_ids=[TRAIN_CASE]),
+        r"geometry mismatch: .*label_13\.nii\.gz has spacing \(1\.3, 1\.25, 7\.99\).*; its image "
+        r".*image_13\.nii\.gz has spacing \(1\.25, 1\.25, 7\.99\)",
+    )
+
+
+def label_other_origin_at_evaluation(ctx: Ctx) -> Expect:
+    root = ctx.cmr_root()
+    label = ctx.image(root, "label", EVAL_CASE)
+    origin = sitk.ReadImage(str(label)).GetOrigin()
+    _regeometried(label, origin=(origin[0] + 5.0, *origin[1:]))
+    return Expect(
+        lambda: TestDataset("CMR", root, 0, 2),
+        rf"geometry mismatch: .*label_{EVAL_CASE}\.nii\.gz has .*origin \({origin[0] + 5:.3f}",
+    )
+
+
+def supervoxel_other_geometry(ctx: Ctx) -> Expect:
+    root = ctx.cmr_root()
+    _regeometried(
+        ctx.image(root, "supervoxel", TRAIN_CASE), spacing=(1.25, 1.25, 7.99), origin=(9.0, 0.0, 0.0)
+    )
+    return Expect(
+        lambda: TrainDataset("CMR", root, 0, case_ids=[TRAIN_CASE]),
+        r"geometry mismatch: .*superpix-MIDDLE_13\.nii\.gz has spacing .*origin \(9\.0, 0\.0, 0\.0\).*"
+        r"its image .*image_13\.nii\.gz has .*\(supervoxel files may also carry the default geometry",
+    )
+
+
+def supervoxel_default_geometry_accepted(ctx: Ctx) -> Expect:
+    root = ctx.cmr_root()
+    published = sitk.ReadImage(
+        str(dataset_folders(CMR, ctx.data)[1] / f"superpix-MIDDLE_{TRAIN_CASE}.nii.gz")
+    )
+    assert published.GetSpacing() == (1.0, 1.0, 1.0) and published.GetOrigin() == (0.0, 0.0, 0.0)
+
+    def check(result: Any, log: str) -> None:
+        case = result.volumes[0]
+        assert case.case_id == TRAIN_CASE and len(result) == 1
+
+    return Expect(
+        lambda: TrainDataset("CMR", root, 0, case_ids=[TRAIN_CASE], length=1), error=None, check=check
+    )
 
 
 def flat_volume(ctx: Ctx) -> Expect:
@@ -703,6 +761,10 @@ FAULTS = [
     garbage_volume,
     missing_partner,
     shape_mismatch,
+    label_other_spacing,
+    label_other_origin_at_evaluation,
+    supervoxel_other_geometry,
+    supervoxel_default_geometry_accepted,
     flat_volume,
     unknown_label_values,
     unknown_dataset,
