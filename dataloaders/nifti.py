@@ -33,7 +33,7 @@ from utils import write_atomically
 
 from .volume import Geometry, check_finite, require_simpleitk
 
-try:  # libdeflate: the checked gunzip of every NIfTI read about 3x faster than zlib (requirements.txt)
+try:  # libdeflate: a faster checked gunzip than zlib (requirements.txt; docs/speed.md)
     import deflate as _deflate
 except ImportError:  # e.g. a GPU host with the minimal wheel set: zlib does the same checks
     _deflate = None
@@ -253,7 +253,7 @@ def read_nifti_bytes(path: str | os.PathLike) -> tuple[bytearray, NiftiLayout]:
 
     The file is read once. A gzip stream is decompressed once with its CRC-32 and length checked (both
     SimpleITK and nibabel stop before the gzip trailer, so neither notices damaged bytes), with libdeflate
-    when the ``deflate`` package is installed (about 3x faster than zlib) and with zlib otherwise. Damaged
+    when the ``deflate`` package is installed (faster than zlib) and with zlib otherwise. Damaged
     (CRC mismatch), truncated or non-NIfTI content raises ``ValueError`` naming the file. Whether the file
     is compressed is told by its first bytes, not by its name (ITK reads both either way).
     """

@@ -48,14 +48,23 @@ from .datasets import DatasetInfo, get_dataset_info
 from .transforms import normalize_volume, resize_slices, to_three_channels
 
 EXCLUSION_MODES = ("any", "all")
+#: The official ``min_size`` (method.md §3, step 4), in pixels of a 256 x 256 slice.
+MIN_SIZE_AT_256 = 200
+
+
+def scaled_min_size(image_size: int | None) -> int:
+    """``min_size`` for slices resized to ``image_size`` (None: native): the official 200 pixels at 256 px,
+    scaled with the slice area, at least 1 (64 px: 12)."""
+    if image_size is None:
+        return MIN_SIZE_AT_256
+    return max(1, MIN_SIZE_AT_256 * int(image_size) ** 2 // 256**2)
 
 
 def worker_init_fn(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: one OpenCV thread per worker process.
 
     Seeding needs nothing here (episodes depend on ``(seed, index)`` only). OpenCV's own thread pool inside
-    each worker oversubscribes the cores; limiting it raised one worker from about 62 to 97 episodes/s at
-    256x256 on the 2-core development machine.
+    each worker oversubscribes the cores (docs/speed.md has the loader's throughput with and without).
     """
     cv2.setNumThreads(1)
 

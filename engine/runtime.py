@@ -55,7 +55,7 @@ def check_precision(precision: str) -> str:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), where ``precision='bf16'`` makes a
-    training step about 1.6x faster (64 px, 2 threads); elsewhere bf16 is emulated and slower than fp32.
+    training step faster (docs/speed.md); elsewhere bf16 is emulated and slower than fp32.
 
     The probes are private torch functions; a torch without them answers ``False`` (use fp32).
     """

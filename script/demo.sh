@@ -88,8 +88,7 @@ if [ "$device" = cpu ]; then
     size="${DIFD_DEMO_SIZE:-64}"
     steps="${DIFD_DEMO_STEPS:-800}"
     lr="${DIFD_DEMO_LR:-0.001}"
-    min_size=$(( 200 * size * size / (256 * 256) ))
-    [ "$min_size" -ge 1 ] || min_size=1
+    min_size="$(python -c "from dataloaders.train_dataset import scaled_min_size; print(scaled_min_size($size))")"
     exp_str=demo_cpu
     config=("${common[@]}" "exp_str=$exp_str" "image_size=$size" "min_size=$min_size" "n_steps=$steps"
         "max_iters_per_load=$steps" "save_snapshot_every=$steps" "print_interval=$(( steps < 50 ? 1 : 50 ))"

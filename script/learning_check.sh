@@ -54,8 +54,7 @@ if [ "$precision" = auto ]; then
     [ "$device" = cpu ] || precision=fp32
 fi
 # 200 pixels at 256 px (method.md §3, step 4), scaled with the slice area
-min_size=$(( 200 * size * size / (256 * 256) ))
-[ "$min_size" -ge 1 ] || min_size=1
+min_size="$(python -c "from dataloaders.train_dataset import scaled_min_size; print(scaled_min_size($size))")"
 
 run_root="$out/runs/learning_check"
 rm -rf "$run_root"  # a check starts from scratch

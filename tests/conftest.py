@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataloaders import TestDataset
+from tests.run_fixtures import make_mini_root, one_thread
 from utils import resolve_data_root
 
 
@@ -38,3 +40,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rk_sets(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TestDataset, TestDataset]:
+    """RK of fold 1 of the mini root (:func:`tests.run_fixtures.make_mini_root`) at 32 px: read on demand,
+    and preloaded."""
+    root = make_mini_root(data_root, tmp_path_factory.mktemp("mini_validation"))
+    with one_thread():
+        return (
+            TestDataset("CHAOST2", root, 1, 2, image_size=32),
+            TestDataset("CHAOST2", root, 1, 2, image_size=32, n_queries=1, preload=True),
+        )

@@ -20,6 +20,9 @@ from torch.nn import functional as F
 SEED = 9
 SCALER = 20.0
 
+#: Tolerance of the float64 comparisons of the fast model with this port (tests/test_model*.py).
+F64_TOL = {"atol": 1e-9, "rtol": 1e-7}
+
 
 def naive_boxes(height: int, width: int, seed: int = SEED) -> list[tuple[int, int, int, int, Tensor]]:
     """The 100 RI boxes: ``(row0, row1, col0, col1, area)`` with ``area`` the float32 box area tensor."""

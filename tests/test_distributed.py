@@ -194,6 +194,7 @@ def mini_root(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return root
 
 
+@pytest.mark.e2e
 def test_train_py_under_torchrun(mini_root: Path, tmp_path: Path, one_thread):
     from engine.snapshots import load_snapshot, read_snapshot
     from train import training_case_ids

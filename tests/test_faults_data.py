@@ -43,7 +43,7 @@ from models import build_difd, load_model_weights
 from models.encoder import Res101Encoder
 from models.weights import SNAPSHOT_FORMAT, WEIGHTS_FORMAT
 from tests.damage import flip_silent_bit, put_voxels, truncate
-from tests.test_preprocess import _write_chaos_case
+from tests.raw_fixtures import write_chaos_case
 from utils import remove_stale_temporaries
 
 CMR = get_dataset_info("CMR")
@@ -226,13 +226,13 @@ def nan_raw_sabs_float_label(ctx: Ctx) -> Expect:
 
 
 def truncated_chaos_png(ctx: Ctx) -> Expect:
-    t2spir = _write_chaos_case(ctx.tmp / "raw")
+    t2spir = write_chaos_case(ctx.tmp / "raw")
     truncate(sorted((t2spir / "Ground").glob("*.png"))[2])
     return preprocess_raw(ctx, chaos.main, ctx.tmp / "raw", r"cannot read .*IMG-0004-00003\.png")
 
 
 def truncated_chaos_dicom(ctx: Ctx) -> Expect:
-    t2spir = _write_chaos_case(ctx.tmp / "raw")
+    t2spir = write_chaos_case(ctx.tmp / "raw")
     truncate(sorted((t2spir / "DICOM_anon").glob("*.dcm"))[1], 0.7)
     return preprocess_raw(ctx, chaos.main, ctx.tmp / "raw", r"IMG-0004-00002\.dcm", error=RuntimeError)
 

@@ -34,6 +34,8 @@ from models import build_difd
 from models.weights import SNAPSHOT_FORMAT
 from tests.run_fixtures import load_test_script, make_mini_root, one_thread
 
+pytestmark = pytest.mark.e2e  # runs the commands end to end (CI runs it; -m "not e2e" skips it)
+
 REPO = Path(__file__).resolve().parent.parent
 FOLD_DIR = Path("CHAOST2_setting1") / "fold1"
 #: What test.py and train.py record of a debug run on fold 1 (the keys the cross-evaluation check reads).

@@ -13,8 +13,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from engine import runtime
 from tests.run_fixtures import make_mini_root
+
+pytestmark = pytest.mark.e2e  # runs the commands end to end (CI runs it; -m "not e2e" skips it)
 
 REPO = Path(__file__).resolve().parent.parent
 

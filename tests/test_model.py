@@ -26,10 +26,9 @@ from models.dual_interspersion import (
     masked_sum,
     subsample_plan,
 )
-from tests.naive_difd import naive_boxes, naive_forward, naive_losses
+from tests.naive_difd import F64_TOL, naive_boxes, naive_forward, naive_losses
 from tests.tiny_difd import TinyEncoder, tiny_difd
 
-F64_TOL = {"atol": 1e-9, "rtol": 1e-7}
 F32_TOL = {"atol": 2e-5, "rtol": 1e-4}
 CHANNELS = 32
 

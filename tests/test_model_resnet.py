@@ -19,9 +19,8 @@ from torch import nn
 
 from models import DIFDLoss, build_difd, load_model_weights
 from models.encoder import Res101Encoder
-from tests.naive_difd import naive_forward
+from tests.naive_difd import F64_TOL, naive_forward
 from tests.official_tree import OfficialDIFD
-from tests.test_model import F64_TOL
 from utils import resolve_data_root
 
 SIZE = 64

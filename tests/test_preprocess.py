@@ -9,7 +9,6 @@ organ stays at its physical position), idempotence, and the errors for bad input
 
 from __future__ import annotations
 
-import locale
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from data.CMR import preprocess as cmr
 from data.preprocessing import centre_crop_or_pad, crop_or_pad_inplane, resample_label, resampled_size
 from data.SABS import preprocess as sabs
 from dataloaders import list_cases, read_case
+from tests.raw_fixtures import CHAOS_ORIGIN, CHAOS_SHAPE, CHAOS_SPACING, chaos_volumes, write_chaos_case
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,91 +51,16 @@ def _same_files(first: list[Path], second: list[Path]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- CHAOS
-CHAOS_SPACING = (1.5, 1.6, 6.0)  # x (cols), y (rows), z
-CHAOS_ORIGIN = (-30.0, -20.0, 10.0)
-CHAOS_SHAPE = (6, 40, 48)  # Z, rows, cols
-
-
-def _chaos_volumes() -> tuple[np.ndarray, np.ndarray]:
-    """``(Z, rows, cols)`` int16 image and uint8 grey ground truth in DICOM row order, slice 0 lowest."""
-    rng = np.random.default_rng(0)
-    image = rng.integers(90, 110, size=CHAOS_SHAPE).astype(np.int16)
-    grey = np.zeros(CHAOS_SHAPE, dtype=np.uint8)
-    grey[0:3, 4:16, 8:30] = 63  # liver: low slices, top rows
-    grey[3:6, 24:36, 28:44] = 252  # spleen: high slices, bottom rows
-    grey[1:5, 20:30, 4:12] = 126  # right kidney
-    image[grey == 63] += 200
-    image[grey == 252] += 500
-    image[0, 0, :30] = 5000  # bright outliers above the 99.5th percentile
-    return image, grey
-
-
-def _write_chaos_case(
-    root: Path, case_id: int = 1, reverse_instances: bool = False, z_positions: list[float] | None = None
-) -> Path:
-    """Write ``root/MR/<id>/T2SPIR/{DICOM_anon,Ground}``; returns the T2SPIR folder."""
-    image, grey = _chaos_volumes()
-    t2spir = root / "MR" / str(case_id) / "T2SPIR"
-    (t2spir / "DICOM_anon").mkdir(parents=True)
-    (t2spir / "Ground").mkdir()
-    depth = image.shape[0]
-    if z_positions is None:
-        z_positions = [CHAOS_ORIGIN[2] + k * CHAOS_SPACING[2] for k in range(depth)]
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    # GDCM's DICOM writer resets the process locale to "C" (ASCII), which would make every later
-    # subprocess decode its UTF-8 output with the wrong codec: restore it after writing.
-    saved_locale = locale.setlocale(locale.LC_ALL)
-    try:
-        _write_chaos_slices(writer, image, grey, t2spir, z_positions, reverse_instances)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved_locale)
-    return t2spir
-
-
-def _write_chaos_slices(
-    writer: sitk.ImageFileWriter,
-    image: np.ndarray,
-    grey: np.ndarray,
-    t2spir: Path,
-    z_positions: list[float],
-    reverse_instances: bool,
-) -> None:
-    """One DICOM file and one ground-truth PNG per slice, named like the CHAOS release."""
-    depth = image.shape[0]
-    for k in range(depth):
-        number = depth - k if reverse_instances else k + 1
-        dicom = sitk.GetImageFromArray(image[k])
-        dicom.SetSpacing(CHAOS_SPACING[:2])
-        tags = {
-            "0008|0060": "MR",
-            "0020|000d": "1.2.826.0.1.3680043.9.7.1",
-            "0020|000e": "1.2.826.0.1.3680043.9.7.1.1",
-            "0008|0018": f"1.2.826.0.1.3680043.9.7.1.1.{number}",
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0020|0032": f"{CHAOS_ORIGIN[0]}\\{CHAOS_ORIGIN[1]}\\{z_positions[k]}",
-            "0020|0013": str(number),
-            "0018|0050": str(CHAOS_SPACING[2]),
-        }
-        for key, value in tags.items():
-            dicom.SetMetaData(key, value)
-        writer.SetFileName(str(t2spir / "DICOM_anon" / f"IMG-0004-{number:05d}.dcm"))
-        writer.Execute(dicom)
-        sitk.WriteImage(
-            sitk.GetImageFromArray(grey[k]), str(t2spir / "Ground" / f"IMG-0004-{number:05d}.png")
-        )
-
-
 def _chaos_input_mm(grey_value: int) -> np.ndarray:
     """Physical centre of a ground-truth class in the synthetic raw series (identity DICOM geometry)."""
-    _, grey = _chaos_volumes()
+    _, grey = chaos_volumes()
     z, row, col = np.nonzero(grey == grey_value)
     return np.asarray(CHAOS_ORIGIN) + np.asarray(CHAOS_SPACING) * [col.mean(), row.mean(), z.mean()]
 
 
 @pytest.mark.parametrize("reverse_instances", [False, True])
 def test_chaos_output_size_spacing_labels_and_geometry(tmp_path: Path, reverse_instances: bool):
-    _write_chaos_case(tmp_path / "raw", case_id=3, reverse_instances=reverse_instances)
+    write_chaos_case(tmp_path / "raw", case_id=3, reverse_instances=reverse_instances)
     written = chaos.main(["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "out")])
     folder = tmp_path / "out" / "chaos_MR_T2_normalized"
     assert written == [folder / "image_3.nii.gz", folder / "label_3.nii.gz"]
@@ -151,7 +76,7 @@ def test_chaos_output_size_spacing_labels_and_geometry(tmp_path: Path, reverse_i
     assert label.GetOrigin() == image.GetOrigin() and label.GetDirection() == image.GetDirection()
 
     assert set(np.unique(label_array)) == {0.0, 1.0, 2.0, 4.0}
-    raw, _ = _chaos_volumes()
+    raw, _ = chaos_volumes()
     assert image_array.min() >= 0 and image_array.max() <= np.percentile(raw, 99.5)
     assert np.array_equal(image_array, np.round(image_array))  # integer series stays integer-valued
     # image and label aligned: intensities inside each organ are those written there (spleen: 600, but
@@ -167,7 +92,7 @@ def test_chaos_output_size_spacing_labels_and_geometry(tmp_path: Path, reverse_i
 
 def test_chaos_matches_published_layout(tmp_path: Path, data_root: Path):
     published = sitk.ReadImage(str(data_root / "CHAOST2" / "chaos_MR_T2_normalized" / "image_1.nii.gz"))
-    _write_chaos_case(tmp_path / "raw")
+    write_chaos_case(tmp_path / "raw")
     image_path = chaos.main(["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "out")])[0]
     ours = sitk.ReadImage(str(image_path))
     assert ours.GetPixelID() == published.GetPixelID()
@@ -178,7 +103,7 @@ def test_chaos_matches_published_layout(tmp_path: Path, data_root: Path):
 
 def test_chaos_is_idempotent_and_selects_ids(tmp_path: Path):
     for case_id in (1, 2):
-        _write_chaos_case(tmp_path / "raw", case_id=case_id)
+        write_chaos_case(tmp_path / "raw", case_id=case_id)
     args = ["--input", str(tmp_path / "raw" / "MR"), "--output", str(tmp_path / "out"), "--ids", "2"]
     first = chaos.main(args)
     snapshot = [path.read_bytes() for path in first]
@@ -198,7 +123,7 @@ def test_chaos_missing_input_folder(tmp_path: Path):
 
 
 def test_chaos_series_with_missing_instance(tmp_path: Path):
-    t2spir = _write_chaos_case(tmp_path / "raw")
+    t2spir = write_chaos_case(tmp_path / "raw")
     (t2spir / "DICOM_anon" / "IMG-0004-00004.dcm").unlink()
     with pytest.raises(ValueError, match=r"DICOM_anon: expected consecutive instance numbers.*missing \[4\]"):
         chaos.preprocess_case(t2spir)
@@ -206,20 +131,20 @@ def test_chaos_series_with_missing_instance(tmp_path: Path):
 
 def test_chaos_series_with_position_gap(tmp_path: Path):
     z_positions = [0.0, 6.0, 12.0, 24.0, 30.0, 36.0]  # instances 1..6 consecutive, one slice position skipped
-    t2spir = _write_chaos_case(tmp_path / "raw", z_positions=z_positions)
+    t2spir = write_chaos_case(tmp_path / "raw", z_positions=z_positions)
     with pytest.raises(ValueError, match=r"expected evenly spaced slices \(6.000 mm apart\).*\[12.0\] mm"):
         chaos.preprocess_case(t2spir)
 
 
 def test_chaos_ground_truth_count_mismatch(tmp_path: Path):
-    t2spir = _write_chaos_case(tmp_path / "raw")
+    t2spir = write_chaos_case(tmp_path / "raw")
     (t2spir / "Ground" / "IMG-0004-00002.png").unlink()
     with pytest.raises(ValueError, match=r"Ground: expected 6 PNGs \(one per DICOM slice\), found 5"):
         chaos.preprocess_case(t2spir)
 
 
 def test_chaos_ground_truth_size_mismatch(tmp_path: Path):
-    t2spir = _write_chaos_case(tmp_path / "raw")
+    t2spir = write_chaos_case(tmp_path / "raw")
     sitk.WriteImage(sitk.Image(40, 40, sitk.sitkUInt8), str(t2spir / "Ground" / "IMG-0004-00003.png"))
     with pytest.raises(
         ValueError, match=r"IMG-0004-00003.png: expected a 40 x 48 grey image.*found \(40, 40\)"
@@ -228,7 +153,7 @@ def test_chaos_ground_truth_size_mismatch(tmp_path: Path):
 
 
 def test_chaos_unknown_grey_value(tmp_path: Path):
-    t2spir = _write_chaos_case(tmp_path / "raw")
+    t2spir = write_chaos_case(tmp_path / "raw")
     grey = np.zeros(CHAOS_SHAPE[1:], dtype=np.uint8)
     grey[5:9, 5:9] = 100
     sitk.WriteImage(sitk.GetImageFromArray(grey), str(t2spir / "Ground" / "IMG-0004-00005.png"))
@@ -467,7 +392,7 @@ def test_resample_label_rounds_each_value_on_the_image_grid():
 # ------------------------------------------------------------------------------------------ loader round trip
 def test_outputs_are_read_by_the_loaders(tmp_path: Path):
     root = tmp_path / "root"
-    _write_chaos_case(tmp_path / "chaos", case_id=5)
+    write_chaos_case(tmp_path / "chaos", case_id=5)
     chaos.main(["--input", str(tmp_path / "chaos"), "--output", str(root / "CHAOST2")])
     _write_cmr_case(tmp_path / "cmr", 7)
     cmr.main(["--input", str(tmp_path / "cmr"), "--output", str(root / "CMR")])

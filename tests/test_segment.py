@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import locale
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,32 @@ def test_query_range_selects_slices_of_the_file(chaos, segmenter, liver_support)
     np.testing.assert_array_equal(backward.label_map[::-1], forward.label_map)
     with pytest.raises(ValueError, match=r"query range 8:40 is outside its 31 slices"):
         segmenter.segment_volume(liver_support, query, (8, 40))
+
+
+def test_a_query_goes_through_each_stage_once(chaos, segmenter, liver_support):
+    """``segment_volume`` is a straight pipeline: the modules its own calls enter, in order, each once."""
+    query = read_scan(chaos / "image_2.nii.gz")
+    stays: list[str] = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_back is not None and frame.f_back.f_code is pipeline:
+            module = frame.f_globals["__name__"]
+            if not stays or stays[-1] != module:
+                stays.append(module)
+
+    pipeline = Segmenter.segment_volume.__code__
+    sys.setprofile(profile)
+    try:
+        segmenter.segment_volume(liver_support, query, (8, 26))
+    finally:
+        sys.setprofile(None)
+    assert stays == [
+        "inference.presets",
+        "inference.scans",
+        "inference.frames",
+        "inference.prediction",
+        "inference.label_maps",
+    ]
 
 
 def test_bf16_channels_last_path_runs_on_cpu(chaos, segmenter, support_scans):

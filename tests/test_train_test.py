@@ -26,11 +26,11 @@ import SimpleITK as sitk
 import torch
 
 from dataloaders import list_cases
-from engine.evaluation import predict_query_volume
 from engine.metrics import dice_iou
 from engine.snapshots import read_snapshot
 from tests.run_fixtures import load_test_script, make_mini_root, one_thread
-from tests.tiny_difd import tiny_difd
+
+pytestmark = pytest.mark.e2e  # runs the commands end to end (CI runs it; -m "not e2e" skips it)
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_CLASS = 2  # RK: few labelled slices, so the evaluation is cheap
@@ -245,26 +245,3 @@ def test_checkpoint_config_in_results(reference_run: Path, mini_root: Path, tmp_
     assert official["cross_evaluation"] == {}
     reference = json.loads((reference_run / "test" / "1" / "results.json").read_text())
     assert official["classes"]["RK"]["dice"] == reference["classes"]["RK"]["dice"]
-
-
-def test_batched_chunk_prediction_equals_one_slice_at_a_time():
-    torch.manual_seed(0)
-    model = tiny_difd(8, reduce_dim=8).eval()
-    support = {"imgs": torch.randn(3, 3, 32, 32), "masks": torch.zeros(3, 32, 32)}
-    support["masks"][:, 8:20, 10:24] = 1
-    n_slices = 7
-    query = {
-        "imgs": torch.randn(n_slices, 3, 32, 32),
-        "labels": torch.zeros(n_slices, 48, 48, dtype=torch.int64),  # native size differs: upsampling path
-        "chunks": [(0, 2), (2, 4), (4, 7)],
-        "chunk_support": [0, 1, 2],
-    }
-    batched = predict_query_volume(model, support, query, torch.device("cpu"))
-    assert batched.shape == (n_slices, 48, 48) and batched.dtype == torch.int64
-    singles = []
-    for z in range(n_slices):
-        k = next(i for i, (start, end) in enumerate(query["chunks"]) if start <= z < end)
-        one = {**query, "imgs": query["imgs"][z : z + 1], "labels": query["labels"][z : z + 1]}
-        one["chunks"], one["chunk_support"] = [(0, 1)], [k]
-        singles.append(predict_query_volume(model, support, one, torch.device("cpu")))
-    torch.testing.assert_close(batched, torch.cat(singles), rtol=0, atol=0)

@@ -1,12 +1,5 @@
-"""Validation during training and the picture of a run, piece by piece (the whole run: test_experiments.py).
-
-* :func:`evaluation.validate` on a small DIFD with ``region_sampling='random'`` (its forward draws from the
-  global torch RNG): the RNG states and the training mode are restored, and the scores are those of
-  :func:`evaluation.evaluate_class`, the loop ``test.py`` runs.
-* ``TestDataset(preload=True)`` gives the same query items as reading them on demand.
-* :mod:`progress` and ``script/plot_run.py`` draw a valid PNG from a saved Sacred ``metrics.json`` (the
-  error cases are in tests/test_faults_runs.py).
-"""
+"""The picture of a run (engine.progress, ``script/plot_run.py``) from a saved Sacred ``metrics.json``
+(the error cases are in tests/test_faults_runs.py)."""
 
 from __future__ import annotations
 
@@ -18,64 +11,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
-from dataloaders import TestDataset
-from engine.evaluation import evaluate_class, validate
 from engine.progress import merge_metrics, smooth, validation_table
-from tests.run_fixtures import make_mini_root, one_thread
-from tests.tiny_difd import tiny_difd
-from utils import capture_rng_state, restore_rng_state
 
 REPO = Path(__file__).resolve().parent.parent
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def rk_sets(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TestDataset, TestDataset]:
-    """RK of fold 1 of the mini root at 32 px: read on demand, and preloaded."""
-    root = make_mini_root(data_root, tmp_path_factory.mktemp("mini_validation"))
-    with one_thread():
-        return (
-            TestDataset("CHAOST2", root, 1, 2, image_size=32),
-            TestDataset("CHAOST2", root, 1, 2, image_size=32, n_queries=1, preload=True),
-        )
-
-
-def _states_equal(a: dict, b: dict) -> bool:
-    return (
-        a["python"] == b["python"]
-        and all(np.array_equal(x, y) for x, y in zip(a["numpy"], b["numpy"], strict=True))
-        and torch.equal(a["torch"], b["torch"])
-    )
-
-
-def test_validate_restores_rng_and_training_mode(rk_sets):
-    _, preloaded = rk_sets
-    torch.manual_seed(0)
-    model = tiny_difd(8, reduce_dim=8, region_sampling="random").train()
-    before = capture_rng_state()
-    scores = validate(model, {"RK": preloaded}, torch.device("cpu"))
-    assert model.training and _states_equal(capture_rng_state(), before)
-    assert set(scores) == {"RK", "mean"} and scores["mean"] == scores["RK"]
-
-    # The same forward passes without validate's guard do consume the global stream (so the guard
-    # matters), and give the scores validate returned: the loop of test.py.
-    restore_rng_state(before)
-    entry = evaluate_class(model.eval(), preloaded, torch.device("cpu"))
-    assert not _states_equal(capture_rng_state(), before)
-    assert entry["mean_dice"] == scores["RK"]
-
-
-def test_preloaded_queries_equal_those_read_on_demand(rk_sets):
-    on_demand, preloaded = rk_sets
-    assert len(preloaded) == 1 and preloaded.query_cases == on_demand.query_cases[:1]
-    read, kept = on_demand[0], preloaded[0]
-    for key in ("imgs", "labels", "slice_indices"):
-        assert kept[key].dtype == read[key].dtype and torch.equal(kept[key], read[key]), key
-    for key in ("case_id", "chunks", "chunk_support", "geometry", "native_shape"):
-        assert kept[key] == read[key], key
-    assert kept["native_image"] is None and read["native_image"].shape == read["native_shape"]
 
 
 def _metrics_json(path: Path, steps: list[int], val_steps: list[int]) -> None:

@@ -1,4 +1,4 @@
-"""TrainDataset episodes (method.md §3) and the TestDataset protocol (method.md §5)."""
+"""TrainDataset episodes (method.md §3)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ from torch.utils.data import DataLoader
 
 from dataloaders import (
     DATASETS,
-    TestDataset,
     TrainDataset,
     list_cases,
-    normalize_volume,
     read_case,
     worker_init_fn,
 )
@@ -38,9 +36,6 @@ def _supervoxels(case_id: int) -> np.ndarray:
 def _train(root: Path, **kwargs: object) -> TrainDataset:
     kwargs.setdefault("length", 64)
     return TrainDataset(SYN, root, eval_fold=0, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------- TrainDataset
 
 
 def test_episode_shapes_and_binary_masks(syn_root: Path) -> None:
@@ -170,49 +165,6 @@ def test_bad_data_root_fails_at_construction(tmp_path: Path) -> None:
         TrainDataset("CHAOST2", tmp_path, eval_fold=0)
 
 
-# --------------------------------------------------------------------------------------------- TestDataset
-
-
-def test_test_dataset_protocol_on_synthetic_volumes(syn_root: Path) -> None:
-    ds = TestDataset(SYN, syn_root, eval_fold=0, test_label=1, supp_idx=0, n_part=3)
-    support = ds.support()
-    # fold 0 = positions (0, 1) = cases 3, 11; label 1 lies on slices 2..7 (6 labelled slices)
-    assert support["case_id"] == 3 and len(ds) == 1
-    assert support["slice_indices"].tolist() == [3, 5, 7]  # positions int(6 * (1/6, 1/2, 5/6)) = 1, 3, 5
-    assert support["imgs"].shape == (3, 3, *SHAPE[1:]) and support["masks"].shape == (3, *SHAPE[1:])
-    image, label, _ = synthetic_case(3)
-    np.testing.assert_allclose(support["imgs"][:, 1].numpy(), normalize_volume(image)[[3, 5, 7]], atol=1e-6)
-    np.testing.assert_array_equal(support["masks"].numpy(), label[[3, 5, 7]] == 1)
-
-    (query,) = list(ds)
-    assert query["case_id"] == 11 and query["native_shape"] == SHAPE
-    assert query["slice_indices"].tolist() == [2, 3, 4, 5, 6, 7]
-    assert query["chunks"] == [(0, 2), (2, 4), (4, 6)] and query["chunk_support"] == [0, 1, 2]
-    assert query["labels"].shape == (6, *SHAPE[1:]) and query["labels"].dtype == torch.int64
-    np.testing.assert_array_equal(query["labels"].numpy(), _labels(11)[2:8] == 1)
-    assert query["geometry"].spacing == (1.5, 1.5, 5.0)
-
-    swapped = TestDataset(SYN, syn_root, eval_fold=0, test_label=2, supp_idx=1, n_part=1, image_size=32)
-    support = swapped.support()
-    assert support["case_id"] == 11 and swapped[0]["case_id"] == 3
-    assert support["slice_indices"].tolist() == [8]  # label 2 on slices 6..9: position int(4 / 2) = 2
-    assert support["imgs"].shape == (1, 3, 32, 32) and support["masks"].shape == (1, 32, 32)
-    query = swapped[0]
-    assert query["imgs"].shape == (4, 3, 32, 32) and query["labels"].shape == (4, *SHAPE[1:])
-
-
-def test_test_dataset_errors(syn_root: Path) -> None:
-    with pytest.raises(ValueError, match="no SPLEEN"):
-        TestDataset(SYN, syn_root, eval_fold=0, test_label=4)
-    with pytest.raises(ValueError, match="supp_idx 2 out of range"):
-        TestDataset(SYN, syn_root, eval_fold=0, test_label=1, supp_idx=2)
-    with pytest.raises(ValueError, match="unknown class values"):
-        TestDataset(SYN, syn_root, eval_fold=0, test_label=6)
-
-
-# --------------------------------------------------------------------------------------------- real data
-
-
 def _real(data_root: Path, name: str) -> Path:
     if not (data_root / name / DATASETS[name].image_folder).is_dir():
         pytest.skip(f"real {name} copy not found under {data_root}")
@@ -230,17 +182,3 @@ def test_real_chaost2_setting2_episodes(data_root: Path) -> None:
         slices = episode["slice_indices"].numpy()
         assert not np.isin(labels[episode["case_id"]][slices], [1, 2, 3, 4]).any()
         assert episode["supp_masks"].sum() > 0 or episode["qry_labels"].sum() > 0
-
-
-def test_real_test_datasets(data_root: Path) -> None:
-    root = _real(data_root, "CHAOST2")
-    ds = TestDataset("CHAOST2", root, eval_fold=0, test_label=1, supp_idx=0, image_size=64)
-    assert ds.support()["imgs"].shape == (3, 3, 64, 64)
-    assert [c.case_id for c in ds.query_cases] == [2, 3, 5, 8]
-    query = ds[0]
-    count = len(query["slice_indices"])
-    assert query["imgs"].shape == (count, 3, 64, 64) and query["labels"].shape == (count, 256, 256)
-    assert query["chunks"][-1][1] == count and query["labels"].flatten(1).any(dim=1).all()
-    sabs = TestDataset("SABS", _real(data_root, "SABS"), eval_fold=0, test_label=6)
-    assert sabs.support()["imgs"].shape == (3, 3, 257, 257)
-    assert sabs.support()["case_id"] == 0

@@ -1,0 +1,107 @@
+"""The Sacred config: named configs, unknown keys, every key read, failures before training."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class TestConfig:
+    """The Sacred config: named configs, unknown keys, every key read, failures before training."""
+
+    @staticmethod
+    def _config(named=(), **updates):
+        from config import ex
+
+        return ex.run("print_run_root", named_configs=list(named), config_updates=updates).config
+
+    def test_named_configs(self):
+        assert self._config()["test_label"] == [1, 2, 3, 4] and self._config()["exclude_label"] is None
+        ct = self._config(["abd_ct", "setting2"])
+        assert (
+            ct["dataset"] == "SABS"
+            and ct["test_label"] == [1, 2, 3, 6]
+            and ct["exclude_label"] == [1, 2, 3, 6]
+        )
+        assert ct["exp_str"] == "SABS_setting2"
+        assert self._config(["cmr"])["n_sv"] == 1000
+        official = self._config(["abd_mri", "official_script"])
+        assert (official["seed"], official["lr_step_gamma"], official["n_steps"]) == (2025, 0.9, 40000)
+        assert (official["save_snapshot_every"], official["max_iters_per_load"], official["supp_idx"]) == (
+            10000,
+            10000,
+            2,
+        )
+        debug = self._config(["debug"])
+        assert debug["pretrained_weights"] is None and debug["num_workers"] == 0 and debug["image_size"] == 64
+
+    @pytest.mark.parametrize(
+        "updates", [{"lrr": 0.1}, {"path": {"log_dri": "x"}}, {"optim": {"learning_rate": 1}}]
+    )
+    def test_mistyped_key_fails(self, updates):
+        with pytest.raises(ValueError, match="unknown config key"):
+            self._config(**updates)
+
+    def test_every_key_is_read(self):
+        """Each top-level key is read as ``cfg["key"]`` (or is a function parameter) in train.py, test.py or
+        config.py (run folders, file checks, print_run_root), the value check not counted."""
+        from config import base_config_keys
+
+        read = {"n_way"}  # the official key whose only use is the check that it is 1 (DIFD is 1-way)
+        for script in ("train.py", "test.py", "config.py"):
+            source = (REPO / script).read_text()
+            if script == "config.py":  # check_values reads every key: only what is outside it counts
+                start = source.index("def check_values(")
+                source = source[:start] + source[source.index("\ndef ", start + 1) :]
+            tree = ast.parse(source)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.FunctionDef):
+                    read |= {arg.arg for arg in node.args.args}
+            read |= {
+                n.slice.value
+                for n in ast.walk(tree)
+                if isinstance(n, ast.Subscript)
+                and isinstance(n.slice, ast.Constant)
+                and isinstance(n.slice.value, str)
+            }
+        top_level = {key.split(".")[0] for key in base_config_keys()}
+        assert top_level - read == set()
+        assert {"validate_every", "validate_cases", "validate_labels", "allow_cross_eval"} <= top_level
+
+    def test_failures_before_training(self, tmp_path):
+        import train  # registers the 'train' command on the shared experiment
+
+        common = {"path": {"log_dir": str(tmp_path)}, "data_root": str(tmp_path / "no_data")}
+        with pytest.raises(FileNotFoundError, match="pretrained checkpoint.*deeplabv3_resnet101_coco"):
+            train.ex.run(
+                "train",
+                named_configs=["debug"],
+                config_updates={**common, "pretrained_weights": "deeplabv3", "pretrained_path": None},
+            )
+        with pytest.raises(FileNotFoundError, match="pretrained checkpoint"):
+            train.ex.run(
+                "train",
+                named_configs=["debug"],
+                config_updates={
+                    **common,
+                    "pretrained_weights": "resnet101",
+                    "pretrained_path": str(tmp_path / "x"),
+                },
+            )
+        with pytest.raises(FileNotFoundError, match="data_root"):
+            train.ex.run("train", named_configs=["debug"], config_updates=common)
+        with pytest.raises(ValueError, match="setting2"):
+            train.ex.run("train", named_configs=["debug"], config_updates={**common, "exclude_label": [1]})
+        with pytest.raises(ValueError, match="mode='test'"):
+            train.ex.run("train", named_configs=["debug"], config_updates={**common, "mode": "test"})
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], "no run folder before the checks pass"
+
+    def test_defaults_of_the_validation_keys(self):
+        base, official, debug = self._config(), self._config(["official_script"]), self._config(["debug"])
+        assert (base["validate_every"], base["validate_cases"], base["validate_labels"]) == (0, 2, None)
+        assert official["validate_every"] == 2000 and debug["validate_every"] == 0
+        assert base["allow_cross_eval"] is False
