@@ -84,19 +84,25 @@ def _reason(err: BaseException) -> str:
     return text.splitlines()[-1] if text else type(err).__name__
 
 
+def _sitk_header(path: Path) -> sitk.ImageFileReader:
+    """SimpleITK's reader of ``path`` with the header read (no voxels); failures name the file."""
+    sitk = require_simpleitk("the SimpleITK NIfTI backend")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ValueError(f"cannot read the header of {path}: {_reason(err)}") from err
+    return reader
+
+
 def read_header(path: str | os.PathLike, backend: str | None = None) -> tuple[tuple[int, int, int], Geometry]:
     """Shape ``(Z, H, W)`` and geometry of a 3-D volume without reading its voxels."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"volume not found: {path}")
     if _backend(backend) == "sitk":
-        sitk = require_simpleitk("the SimpleITK NIfTI backend")
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as err:
-            raise ValueError(f"cannot read the header of {path}: {_reason(err)}") from err
+        reader = _sitk_header(path)
         size = reader.GetSize()
         geometry = Geometry.from_image(reader)
     else:
@@ -348,13 +354,7 @@ def read_volume(path: str | os.PathLike, backend: str | None = None) -> tuple[np
         except (nib.spatialimages.HeaderDataError, *_NIBABEL_READ_ERRORS) as err:
             raise ValueError(f"cannot read the header of {path}: {_reason(err)}") from err
         return array, _nibabel_geometry(header)
-    sitk = require_simpleitk("the SimpleITK NIfTI backend")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise ValueError(f"cannot read the header of {path}: {_reason(err)}") from err
+    reader = _sitk_header(path)
     size = _nibabel_shape(reader.GetSize())
     if size != layout.shape[::-1] or reader.GetNumberOfComponents() != 1:
         raise ValueError(
