@@ -1,9 +1,9 @@
 """Sizes of the two snapshot kinds for the real DIFD (ResNet-101) model, and what a fold and the paper's table
-need under the old policy (every snapshot full) and the keep policy of ``checkpoint.py``::
+need under the old policy (every snapshot full) and the keep policy of ``engine/snapshots.py``::
 
     python benchmarks/snapshot_sizes.py [--decoder-extra-maps] [--n-steps 40000 --every 10000 --runs 25]
 
-The snapshots are written by ``checkpoint.save_snapshot`` (SGD with momentum after one step, so the
+The snapshots are written by ``engine.snapshots.save_snapshot`` (SGD with momentum after one step, so the
 optimiser holds its momentum buffers, as in training) into a temporary folder and measured on disk.
 """
 
