@@ -70,6 +70,7 @@ CROSS_EVAL_KEYS = ("dataset", "eval_fold", "setting", "image_size")
 #: it writes, none of which changes the maths of a training step. Every other key must equal the
 #: snapshot's, so that a new key is protected by default.
 RESUME_MAY_DIFFER = (
+    "label_free_episodes",
     "mode",
     "device",
     "num_workers",
@@ -122,10 +123,13 @@ def base_config():
     reload_model_path = None  # test.py: checkpoint to evaluate; None = newest snapshot of the run folder
     allow_cross_eval = False  # test.py: True evaluates a snapshot of another dataset/fold/setting/image_size
 
-    # validation during training, on the fold's TEST volumes: for monitoring, never for choosing a snapshot
-    validate_every = 0  # steps between validations, and one at the last step (0: no validation)
-    validate_cases = 2  # the first query volumes of the fold used (None: all of them)
+    # validation during training, every validate_every steps and at the last step (0: no validation):
+    # organ Dice on the fold's TEST volumes (for monitoring, never for choosing a snapshot), and the
+    # label-free curve on the fold's held-out volumes read without labels (engine/label_free.py)
+    validate_every = 0
+    validate_cases = 2  # organ validation on the fold's first query volumes (None: all of them; 0: none)
     validate_labels = None  # classes validated (None: test_label)
+    label_free_episodes = 40  # fixed supervoxel episodes of the label-free validation (0: none)
 
     # training (method.md §3 and §4.7)
     n_steps = 1000  # official config default (official scripts: 40000)
@@ -384,10 +388,16 @@ def check_values(config: dict[str, Any]) -> None:
     for key in ("print_interval", "save_snapshot_every"):
         positive_int(key)
     need(_is_int(config["min_size"]) and config["min_size"] >= 0, "min_size", "an int >= 0")
-    for key in ("image_size", "max_volumes", "validate_cases"):
+    for key in ("image_size", "max_volumes"):
         need(
             config[key] is None or (_is_int(config[key]) and config[key] >= 1), key, "None or a positive int"
         )
+    need(
+        config["validate_cases"] is None
+        or (_is_int(config["validate_cases"]) and config["validate_cases"] >= 0),
+        "validate_cases",
+        "None or an int >= 0",
+    )
     n_fold = len(info.fold(config["eval_fold"])) if fold_ok else 0
     need(
         _is_int(config["supp_idx"]) and (not fold_ok or -n_fold <= config["supp_idx"] < n_fold),
@@ -413,6 +423,13 @@ def check_values(config: dict[str, Any]) -> None:
             weight = config["loss_weights"][term]
             need(_is_number(weight) and weight >= 0, f"loss_weights.{term}", "a number >= 0")
     need(_is_int(config["validate_every"]) and config["validate_every"] >= 0, "validate_every", "an int >= 0")
+    lf_episodes = config["label_free_episodes"]
+    need(_is_int(lf_episodes) and lf_episodes >= 0, "label_free_episodes", "an int >= 0")
+    if config["validate_every"] and config["validate_cases"] == 0 and lf_episodes == 0:
+        problems.append(
+            f"validate_every={config['validate_every']} validates nothing: validate_cases=0 and "
+            "label_free_episodes=0 turn both validations off (set validate_every=0, or one of them > 0)"
+        )
     one_of("pretrained_weights", (None, *PRETRAINED))
     one_of("region_sampling", REGION_SAMPLING)
     one_of("multi_shot", MULTI_SHOT)

@@ -15,15 +15,22 @@ snapshot when asked; then the loop. The loss terms are accumulated on the device
 every ``print_interval`` steps, when they and the learning rate are logged to Sacred (``metrics.json``), to
 the log and to the progress bar (:class:`engine.monitor.Monitor`).
 
-Validation (``validate_every`` steps, 0 = off, and at the last step): the evaluation protocol of
-``test.py`` (:func:`engine.evaluation.validate`) on the first ``validate_cases`` query volumes of the fold
-for every class of ``validate_labels`` (default ``test_label``), at the training ``image_size``, in eval
-mode, on rank
-0; the global RNG states are restored afterwards, so a run with validation follows the loss trajectory of
-one without. Logged as ``val_dice_<CLASS>`` and ``val_dice_mean``. These are the fold's TEST volumes: the
-curve is for monitoring, never for choosing the snapshot of a reported number. ``progress.png`` in the
-Sacred run folder (``fold<k>/train/<id>/``) is redrawn at every validation and every snapshot
-(:mod:`engine.progress`; ``script/plot_run.py`` redraws it from ``metrics.json``).
+Validation (every ``validate_every`` steps, 0 = off, at the last step, and before the first step of a run
+that starts at step 0), on rank 0, in eval mode, with the global RNG states restored afterwards, so a run
+with validation follows the loss trajectory of one without:
+
+* label-free (``label_free_episodes``; :mod:`engine.label_free`): fixed supervoxel episodes of the fold's
+  held-out volumes, read without their labels, scored by the AUC of the foreground probability against the
+  pseudo-label and by the thresholded Dice; logged as ``lf_auc`` and ``lf_dice``. No label is read, so this
+  curve may guide choices without touching the test labels;
+* organ Dice: the evaluation protocol of ``test.py`` (:func:`engine.evaluation.validate`) on the first
+  ``validate_cases`` query volumes of the fold (0: none) for every class of ``validate_labels`` (default
+  ``test_label``), at the training ``image_size``; logged as ``val_dice_<CLASS>`` and ``val_dice_mean``.
+  These are the fold's TEST volumes: the curve is for monitoring, never for choosing the snapshot of a
+  reported number.
+
+``progress.png`` in the Sacred run folder (``fold<k>/train/<id>/``) is redrawn at every validation and every
+snapshot (:mod:`engine.progress`; ``script/plot_run.py`` redraws it from ``metrics.json``).
 
 Exact resume: episode ``i`` is a function of ``(seed, i)`` only (TrainDataset), the DataLoader's sampler
 starts at ``step * batch_size`` and owns its generator, and a snapshot holds the model, optimiser,
@@ -68,6 +75,7 @@ from torch.utils.data import DataLoader
 from config import ex, output_dir, resolve_pretrained_path, resume_differences, run_folder
 from dataloaders import TestDataset, TrainDataset, get_dataset_info, list_cases, worker_init_fn
 from dataloaders.test_dataset import check_fold_classes
+from engine.label_free import LabelFreeEpisodes, label_free_episodes
 from engine.monitor import Monitor, StopRequest, TrainingStopped
 from engine.runtime import (
     DistributedContext,
@@ -107,13 +115,16 @@ def training_case_ids(
     return training[:max_volumes]
 
 
-def validation_sets(cfg: dict[str, Any], root: Path) -> dict[str, TestDataset]:
-    """The validation's TestDatasets, one per class name, their query volumes read once (preloaded)."""
+def validation_sets(cfg: dict[str, Any], root: Path, _log) -> dict[str, TestDataset] | None:
+    """The organ validation's TestDatasets, one per class name, their query volumes read once (preloaded);
+    None with ``validate_cases=0``."""
+    if cfg["validate_cases"] == 0:
+        return None
     info = get_dataset_info(cfg["dataset"])
     labels = cfg["validate_labels"] or cfg["test_label"]
     key = "validate_labels" if cfg["validate_labels"] else "validate_labels (None: test_label)"
     check_fold_classes(info, root, cfg["eval_fold"], labels, cfg["supp_idx"], cfg["validate_cases"], key)
-    return {
+    sets = {
         info.class_name(label): TestDataset(
             info,
             root,
@@ -127,6 +138,42 @@ def validation_sets(cfg: dict[str, Any], root: Path) -> dict[str, TestDataset]:
         )
         for label in labels
     }
+    first = next(iter(sets.values()))
+    _log.info(
+        f"validation every {cfg['validate_every']} steps on {list(sets)}: support case "
+        f"{first.support_case.case_id}, query cases {[c.case_id for c in first.query_cases]} "
+        "(the fold's test volumes: for monitoring only)"
+    )
+    return sets
+
+
+def label_free_set(cfg: dict[str, Any], root: Path, _log) -> LabelFreeEpisodes | None:
+    """The label-free validation's fixed episodes on the fold's held-out volumes (images and supervoxels
+    only), or None with ``label_free_episodes=0``; a set that cannot be drawn is an error here, at
+    start-up."""
+    if cfg["label_free_episodes"] == 0:
+        return None
+    try:
+        episodes = label_free_episodes(
+            cfg["dataset"],
+            root,
+            cfg["eval_fold"],
+            cfg["label_free_episodes"],
+            cfg["n_shot"],
+            cfg["n_query"],
+            cfg["min_size"],
+            cfg["image_size"],
+            cfg["n_sv"],
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"label-free validation (label_free_episodes={cfg['label_free_episodes']}): {err}"
+        ) from err
+    _log.info(
+        f"label-free validation every {cfg['validate_every']} steps: {len(episodes)} fixed supervoxel "
+        f"episodes of the held-out cases {sorted(set(episodes.case_ids))} (no label read)"
+    )
+    return episodes
 
 
 @dataclass
@@ -136,7 +183,8 @@ class Job:
     dist: DistributedContext
     device: torch.device
     train_set: TrainDataset
-    val_sets: dict[str, TestDataset] | None  # rank 0 with validate_every > 0, else None
+    val_sets: dict[str, TestDataset] | None  # rank 0 with validate_every > 0 and validate_cases > 0
+    label_free: LabelFreeEpisodes | None  # rank 0 with validate_every > 0 and label_free_episodes > 0
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.MultiStepLR
@@ -180,15 +228,10 @@ def set_up(cfg: dict[str, Any], _log) -> Job:
         test_labels=cfg["test_label"],
     )
     _log.info(f"{len(train_set.volumes)} training volumes: case ids {[v.case_id for v in train_set.volumes]}")
-    val_sets = None
+    val_sets, label_free = None, None
     if cfg["validate_every"] > 0 and dist_context.is_main:
-        val_sets = validation_sets(cfg, root)
-        first = next(iter(val_sets.values()))
-        _log.info(
-            f"validation every {cfg['validate_every']} steps on {list(val_sets)}: support case "
-            f"{first.support_case.case_id}, query cases {[c.case_id for c in first.query_cases]} "
-            "(the fold's test volumes: for monitoring only)"
-        )
+        label_free = label_free_set(cfg, root, _log)
+        val_sets = validation_sets(cfg, root, _log)
 
     model = build_difd(
         pretrained_weights=cfg["pretrained_weights"],
@@ -214,6 +257,7 @@ def set_up(cfg: dict[str, Any], _log) -> Job:
         device,
         train_set,
         val_sets,
+        label_free,
         model,
         optimizer,
         scheduler,
@@ -310,6 +354,7 @@ def train(_run, _log, _config) -> str:
         job.dist,
         job.device,
         job.val_sets,
+        job.label_free,
         picture=output_dir(_run, cfg, "train") / "progress.png",
         title=f"{cfg['dataset']} setting {cfg['setting']} fold {cfg['eval_fold']}",
         bar_label=f"{cfg['dataset']} fold {cfg['eval_fold']}",
@@ -318,6 +363,8 @@ def train(_run, _log, _config) -> str:
     )
     stop = StopRequest()
     try:
+        if cfg["validate_every"] and start_step == 0:  # where the curves start: the untrained model
+            monitor.validate(0, unwrap(model), cfg["precision"])
         for step, batch in enumerate(episode_loader(job, cfg, start_step), start=start_step + 1):
             losses = training_step(model, job.loss_fn, job.optimizer, batch, job.device, cfg["precision"])
             monitor.add(losses, lr=job.optimizer.param_groups[0]["lr"])

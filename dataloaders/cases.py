@@ -39,13 +39,14 @@ class Case:
     """One case in memory: ``image``, ``label`` and ``supervoxel`` volumes, each ``(Z, H, W)`` on one grid.
 
     ``image`` is float32 in stored units (not normalised), ``label`` uint8 class values after the dataset's
-    remap, ``supervoxel`` int32 ids (0 = background) or None. The label keeps its file's geometry (checked
-    to match the image's); supervoxels take the image's (theirs may be the default geometry).
+    remap (None when it was not read), ``supervoxel`` int32 ids (0 = background) or None. The label keeps its
+    file's geometry (checked to match the image's); supervoxels take the image's (theirs may be the default
+    geometry).
     """
 
     case_id: int
     image: Volume
-    label: Volume
+    label: Volume | None
     supervoxel: Volume | None
     files: CaseFiles
 
@@ -195,12 +196,14 @@ def remap_labels(
     return out
 
 
-def read_case(case: CaseFiles, dataset: str | DatasetInfo) -> Case:
+def read_case(case: CaseFiles, dataset: str | DatasetInfo, label: bool = True) -> Case:
     """Read image, label (remapped) and, when listed, supervoxels of one case; shapes and geometries must
-    agree (:func:`check_partner`)."""
+    agree (:func:`check_partner`). ``label=False`` leaves the label file unread (``Case.label`` None)."""
     image, geometry = read_volume(case.image)
     read = {}
     for path, default_ok in _partners(case):
+        if path == case.label and not label:
+            continue
         array, partner_geometry = read_volume(path)
         check_partner(case.image, image.shape, geometry, path, array.shape, partner_geometry, default_ok)
         read[path] = Volume(array, partner_geometry)
@@ -210,11 +213,14 @@ def read_case(case: CaseFiles, dataset: str | DatasetInfo) -> Case:
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"{case.supervoxel}: supervoxel ids must be integers, found dtype {ids.dtype}")
         supervoxel = Volume(ids.astype(np.int32, copy=False), geometry)
-    label = read[case.label]
+    remapped = None
+    if label:
+        stored = read[case.label]
+        remapped = Volume(remap_labels(stored.array, dataset, case.label), stored.geometry)
     return Case(
         case_id=case.case_id,
         image=Volume(image.astype(np.float32, copy=False), geometry),
-        label=Volume(remap_labels(label.array, dataset, case.label), label.geometry),
+        label=remapped,
         supervoxel=supervoxel,
         files=case,
     )

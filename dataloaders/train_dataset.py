@@ -64,7 +64,7 @@ def worker_init_fn(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: one OpenCV thread per worker process.
 
     Seeding needs nothing here (episodes depend on ``(seed, index)`` only). OpenCV's own thread pool inside
-    each worker oversubscribes the cores (docs/speed.md has the loader's throughput with and without).
+    each worker oversubscribes the cores (docs/speed.md, "Loader throughput").
     """
     cv2.setNumThreads(1)
 
@@ -108,7 +108,9 @@ class TrainDataset(Dataset):
     Extra arguments beyond the shared contract: ``n_sv`` (supervoxel folder ``supervoxels_<n_sv>``, default
     the dataset's), ``case_ids`` (restrict training to these case ids, all of them outside ``eval_fold``;
     for small runs and tests), ``test_labels`` (the classes ``use_gt`` never draws; default the dataset's),
-    ``max_tries`` (class/run draws per episode before giving up).
+    ``max_tries`` (class/run draws per episode before giving up), ``held_out`` (draw from the volumes of
+    fold ``eval_fold`` instead, the ones training never sees, reading their images and supervoxels only,
+    never their labels: the label-free validation of :mod:`engine.evaluation`).
     """
 
     def __init__(
@@ -130,8 +132,14 @@ class TrainDataset(Dataset):
         case_ids: Sequence[int] | None = None,
         test_labels: Sequence[int] | None = None,
         max_tries: int = 10000,
+        held_out: bool = False,
     ) -> None:
         self.info = get_dataset_info(dataset)
+        if held_out and (use_gt or exclude_label is not None):
+            raise ValueError(
+                "held_out episodes read the held-out volumes' images and supervoxels only: use_gt and "
+                f"exclude_label need their labels (got use_gt={use_gt}, exclude_label={exclude_label})"
+            )
         if n_shot < 1 or n_query < 1:
             raise ValueError(f"n_shot and n_query must be >= 1, got n_shot={n_shot}, n_query={n_query}")
         if exclusion not in EXCLUSION_MODES:
@@ -160,6 +168,7 @@ class TrainDataset(Dataset):
             self.info.test_labels if test_labels is None else test_labels, "test_labels"
         )
         self.eval_fold = eval_fold
+        self.held_out = bool(held_out)
         self.volumes = self._load(data_root, eval_fold, n_sv, case_ids)
 
     # ---------------------------------------------------------------- construction
@@ -175,29 +184,28 @@ class TrainDataset(Dataset):
                 "refer to positions in the sorted list of the volumes present",
                 stacklevel=3,
             )
-        training = [case for pos, case in enumerate(cases) if pos not in test_positions]
+        role = "held-out" if self.held_out else "training"
+        training = [case for pos, case in enumerate(cases) if (pos in test_positions) == self.held_out]
         if case_ids is not None:
             by_id = {case.case_id: case for case in training}
             unknown = sorted(set(int(i) for i in case_ids) - set(by_id))
             if unknown:
                 raise ValueError(
-                    f"{info.name}: case_ids {unknown} are not training cases of fold {eval_fold}; "
-                    f"training cases: {sorted(by_id)}"
+                    f"{info.name}: case_ids {unknown} are not {role} cases of fold {eval_fold}; "
+                    f"{role} cases: {sorted(by_id)}"
                 )
             training = [by_id[int(i)] for i in sorted(set(int(i) for i in case_ids))]
         if not training:
-            raise ValueError(
-                f"{info.name}: no training volumes for fold {eval_fold} among {len(cases)} cases"
-            )
-        volumes = [self._prepare(read_case(case, info)) for case in training]
+            raise ValueError(f"{info.name}: no {role} volumes for fold {eval_fold} among {len(cases)} cases")
+        volumes = [self._prepare(read_case(case, info, label=not self.held_out)) for case in training]
         usable = [v for v in volumes if any(len(r) for r in v.runs) and self._has_valid_start(v)]
         if not usable:
             raise ValueError(
                 f"{info.name} fold {eval_fold}: no episode can be drawn from any of the {len(volumes)} "
-                f"training volumes: no class spans {self.n_shot + self.n_query} consecutive candidate slices "
-                f"with at least {self.min_size} pixels on one of the first two (use_gt={self.use_gt}, "
-                f"exclude_label={self.exclude_label}, exclusion={self.exclusion!r}, "
-                f"image_size={self.image_size})"
+                f"{role} volumes (cases {[case.case_id for case in training]}): no class spans "
+                f"{self.n_shot + self.n_query} consecutive candidate slices with at least {self.min_size} "
+                f"pixels on one of the first two (use_gt={self.use_gt}, exclude_label={self.exclude_label}, "
+                f"exclusion={self.exclusion!r}, image_size={self.image_size})"
             )
         return usable
 

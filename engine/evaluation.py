@@ -7,14 +7,15 @@ Prediction of one query volume: its labelled slices are split into ``n_part`` ch
 predicted with support slice ``k`` in ONE forward pass holding all the chunk's slices as queries
 (``Q = end - start``; the model treats the queries independently). The ``[bg, fg]`` probabilities are
 upsampled bilinearly to the native ``H x W`` when the model ran at another size, then the argmax is taken.
-With ``precision='bf16'`` the forward runs under bfloat16 autocast (:mod:`runtime`); the probabilities are
-cast to float32 before the upsampling and the argmax.
+With ``precision='bf16'`` the forward runs under bfloat16 autocast (:mod:`engine.runtime`); the
+probabilities are cast to float32 before the upsampling and the argmax.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,25 +116,30 @@ def evaluate_class(
     return entry
 
 
-def validate(
-    model: nn.Module, test_sets: Mapping[str, TestDataset], device: torch.device, precision: str = "fp32"
-) -> dict[str, float]:
-    """Mean Dice per class name, and their ``'mean'``, by :func:`evaluate_class` (validation in training).
-
-    Runs in eval mode and puts ``model`` back in its previous mode; the global RNG states (Python, NumPy,
-    torch, CUDA) are saved before and restored after, so that the forward passes, which may draw
-    (``region_sampling='random'``), leave the training trajectory exactly as it would be without them.
-    """
+@contextlib.contextmanager
+def monitoring(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block, the previous mode after it; the global RNG states (Python, NumPy, torch,
+    CUDA) saved before and restored after, so that forward passes that may draw
+    (``region_sampling='random'``) leave a training run's trajectory exactly as it would be without them."""
     was_training = model.training
     rng = capture_rng_state()
     model.eval()
     try:
-        dice = {
-            name: evaluate_class(model, ts, device, precision)["mean_dice"] for name, ts in test_sets.items()
-        }
+        yield
     finally:
         model.train(was_training)
         restore_rng_state(rng)
+
+
+def validate(
+    model: nn.Module, test_sets: Mapping[str, TestDataset], device: torch.device, precision: str = "fp32"
+) -> dict[str, float]:
+    """Mean Dice per class name, and their ``'mean'``, by :func:`evaluate_class` (validation in training),
+    under :func:`monitoring`."""
+    with monitoring(model):
+        dice = {
+            name: evaluate_class(model, ts, device, precision)["mean_dice"] for name, ts in test_sets.items()
+        }
     dice["mean"] = sum(dice.values()) / len(dice)
     return dice
 

@@ -3,8 +3,9 @@ request of the first Ctrl-C.
 
 :class:`Monitor` accumulates the loss terms on the device and synchronises only when it logs (every
 ``print_interval`` steps): the mean terms and the learning rate go to Sacred's ``metrics.json``, the log and
-the progress bar. At each validation it records the Dice per class and their mean (``val_dice_<CLASS>``,
-``val_dice_mean``) and redraws ``progress.png`` (:mod:`engine.progress`). Rank 0 writes; under torchrun the
+the progress bar. At each validation it records the label-free scores (``lf_auc``, ``lf_dice``:
+:mod:`engine.label_free`) and the Dice per class and their mean (``val_dice_<CLASS>``, ``val_dice_mean``),
+and redraws ``progress.png`` (:mod:`engine.progress`). Rank 0 writes; under torchrun the
 other ranks only take part in the synchronisation, where the ranks also agree on a stop request.
 """
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from dataloaders import TestDataset
 from engine.evaluation import validate
+from engine.label_free import LabelFreeEpisodes, label_free_scores
 from engine.progress import draw_progress, missing_matplotlib
 from engine.runtime import LOSS_TERMS, DistributedContext
 
@@ -63,16 +65,18 @@ class Monitor:
         context: DistributedContext,
         device: torch.device,
         val_sets: Mapping[str, TestDataset] | None,
+        label_free: LabelFreeEpisodes | None,
         picture: Path,
         title: str,
         bar_label: str,
         n_steps: int,
         start_step: int,
     ) -> None:
-        """``val_sets``: the validation's test sets by class name (None: no validation on this rank);
+        """``val_sets``: the validation's test sets by class name (None or empty: no organ validation on this
+        rank); ``label_free``: the label-free validation's episodes (None: none on this rank);
         ``picture``: where ``progress.png`` goes, ``title`` its title; ``bar_label``: the progress bar's."""
         self.run, self.logger, self.context = _run, _log, context
-        self.device, self.val_sets = device, val_sets
+        self.device, self.val_sets, self.label_free = device, val_sets, label_free
         self.main = context.is_main
         # Loss sums, then one slot that counts the ranks asking to stop (summed over ranks when logging).
         self.running = torch.zeros(len(LOSS_TERMS) + 1, device=device)
@@ -128,21 +132,32 @@ class Monitor:
         return n_stop > 0
 
     def validate(self, step: int, model: nn.Module, precision: str) -> None:
-        """Validation Dice per class and mean (rank 0; the model is the unwrapped one), then the picture."""
-        if self.val_sets is None:
-            return
-        start = time.perf_counter()
-        dice = validate(model, self.val_sets, self.device, precision)
-        for name, value in dice.items():
-            self._record(f"val_dice_{name}", value, step)
-        self.postfix["val"] = f"{100 * dice['mean']:.1f}%"
+        """The label-free validation and the organ validation that this rank runs (rank 0; the model is the
+        unwrapped one), then the picture."""
+        if self.label_free is not None:
+            start = time.perf_counter()
+            scores = label_free_scores(model, self.label_free, self.device, precision)
+            for name, value in scores.items():
+                self._record(name, value, step)
+            self.postfix["auc"] = f"{scores['lf_auc']:.3f}"
+            self.logger.info(
+                f"step {step} label-free validation ({len(self.label_free)} episodes of held-out volumes, "
+                f"{time.perf_counter() - start:.1f} s): AUC {scores['lf_auc']:.3f}, "
+                f"Dice {100 * scores['lf_dice']:.2f} %"
+            )
+        if self.val_sets:
+            start = time.perf_counter()
+            dice = validate(model, self.val_sets, self.device, precision)
+            for name, value in dice.items():
+                self._record(f"val_dice_{name}", value, step)
+            self.postfix["val"] = f"{100 * dice['mean']:.1f}%"
+            n_cases = len(next(iter(self.val_sets.values())))
+            scores = ", ".join(f"{name} {100 * value:.2f} %" for name, value in dice.items())
+            self.logger.info(
+                f"step {step} validation ({n_cases} query volume(s), "
+                f"{time.perf_counter() - start:.1f} s): {scores}"
+            )
         self.progress.set_postfix(self.postfix)
-        n_cases = len(next(iter(self.val_sets.values())))
-        scores = ", ".join(f"{name} {100 * value:.2f} %" for name, value in dice.items())
-        self.logger.info(
-            f"step {step} validation ({n_cases} query volume(s), "
-            f"{time.perf_counter() - start:.1f} s): {scores}"
-        )
         self.draw()
 
     def draw(self) -> None:

@@ -4,11 +4,13 @@ One function, :func:`draw_progress`, serves ``train.py`` (which redraws the pict
 logged so far at every validation and every snapshot) and ``script/plot_run.py`` (which redraws it from the
 ``metrics.json`` of a finished or running run). Metrics have the layout of Sacred's ``metrics.json``:
 ``{name: {"steps": [...], "values": [...], ...}}`` with the names ``train.py`` logs: ``lr``,
-``val_dice_<CLASS>`` and ``val_dice_mean`` (fractions), and the loss terms (every other series; ``total``
+``val_dice_<CLASS>`` and ``val_dice_mean`` (fractions), the label-free scores ``lf_auc`` and ``lf_dice``
+(:data:`LABEL_FREE_METRICS`, :mod:`engine.label_free`), and the loss terms (every other series; ``total``
 is drawn thicker). No torch here, so that ``script/plot_run.py`` starts quickly.
 
-Three panels against the training step: the four loss terms and their total (raw, thin, and smoothed by a
-bias-corrected exponential moving average), the learning rate (log scale), and the validation Dice per
+Four panels against the training step: the four loss terms and their total (raw, thin, and smoothed by a
+bias-corrected exponential moving average), the learning rate (log scale), the label-free validation (AUC
+and thresholded Dice on the held-out volumes; chance AUC 0.5 marked), and the organ validation Dice per
 class and their mean (in %). matplotlib's Agg canvas is used directly (no pyplot, no display, no global
 state); the file is written through :func:`utils.write_atomically`, so a reader never sees a half-written
 picture. matplotlib is imported only when drawing: a GPU host without it still trains
@@ -26,6 +28,8 @@ from utils import write_atomically
 
 Metrics = dict[str, dict[str, list]]
 VAL_PREFIX = "val_dice_"
+#: The label-free validation's scores (fractions): the AUC of p_fg, the Dice of p_fg > 0.5.
+LABEL_FREE_METRICS = ("lf_auc", "lf_dice")
 
 
 def missing_matplotlib() -> str | None:
@@ -76,24 +80,49 @@ def merge_metrics(runs: Sequence[Metrics]) -> Metrics:
 
 
 def validation_table(metrics: Metrics) -> str:
-    """Plain-text table of the validation curve: one row per validated step, Dice in % per class and the
-    mean, plus the smoothed total loss logged at or before that step. Empty string without validation."""
+    """Plain-text table of the validation curves: one row per validated step, the label-free AUC and Dice
+    (when logged) first, then the Dice in % per class and their mean, and the smoothed total loss logged at
+    or before that step. Empty string without validation."""
     organs = sorted(name for name in metrics if name.startswith(VAL_PREFIX) and name != f"{VAL_PREFIX}mean")
-    if not organs:
+    label_free = [name for name in LABEL_FREE_METRICS if metrics.get(name, {}).get("steps")]
+    if not organs and not label_free:
         return ""
-    columns = [*organs, f"{VAL_PREFIX}mean"] if f"{VAL_PREFIX}mean" in metrics else organs
+    columns = [*label_free, *organs] + ([f"{VAL_PREFIX}mean"] if f"{VAL_PREFIX}mean" in metrics else [])
     points = {n: dict(zip(metrics[n]["steps"], metrics[n]["values"], strict=True)) for n in columns}
     total = metrics.get("total", {"steps": [], "values": []})
     smoothed = list(zip(total["steps"], smooth(total["values"]), strict=True))
-    header = ["step", *(name[len(VAL_PREFIX) :] for name in columns), "loss"]
+    names = {"lf_auc": "lf AUC", "lf_dice": "lf Dice"}
+    header = ["step", *(names.get(name, name[len(VAL_PREFIX) :]) for name in columns), "loss"]
     lines = ["  ".join(f"{h:>8}" for h in header)]
     for step in sorted(set().union(*points.values())):
         cells = [f"{step:>8}"]
-        cells += [f"{100 * points[n][step]:8.1f}" if step in points[n] else f"{'-':>8}" for n in columns]
+        for name in columns:
+            value = points[name].get(step)
+            if value is None:
+                cells.append(f"{'-':>8}")
+            else:
+                cells.append(f"{value:8.3f}" if name == "lf_auc" else f"{100 * value:8.1f}")
         before = [value for at, value in smoothed if at <= step]
         cells.append(f"{before[-1]:8.3f}" if before else f"{'-':>8}")
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def label_free_summary(metrics: Metrics) -> str:
+    """One line on the label-free curve: its AUC at the first and the last validation, the highest, and the
+    thresholded Dice at both ends. Empty string without label-free validation."""
+    auc, dice = (metrics.get(name, {}) for name in LABEL_FREE_METRICS)
+    if not auc.get("steps"):
+        return ""
+    steps, values = auc["steps"], auc["values"]
+    best = max(range(len(values)), key=values.__getitem__)
+    line = (
+        f"label-free AUC on the held-out volumes (no label read; chance 0.5): {values[0]:.3f} at step "
+        f"{steps[0]}, {values[-1]:.3f} at step {steps[-1]} (highest {values[best]:.3f} at step {steps[best]})"
+    )
+    if dice.get("values"):
+        line += f"; Dice of p_fg > 0.5: {100 * dice['values'][0]:.1f} % -> {100 * dice['values'][-1]:.1f} %"
+    return line
 
 
 def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
@@ -106,7 +135,7 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
 
 
 def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") -> Path:
-    """Draw the three panels (see the module docstring) of ``metrics`` into the PNG ``path``, atomically.
+    """Draw the four panels (see the module docstring) of ``metrics`` into the PNG ``path``, atomically.
 
     A metrics dict with neither a loss term nor a validation Dice is a ``ValueError`` (nothing to draw).
     """
@@ -117,18 +146,22 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
         (
             name
             for name in metrics
-            if name != "lr" and not name.startswith(VAL_PREFIX) and metrics[name]["steps"]
+            if name != "lr"
+            and not name.startswith(VAL_PREFIX)
+            and name not in LABEL_FREE_METRICS
+            and metrics[name]["steps"]
         ),
         key=lambda name: (name == "total", name),
     )
     organs = sorted(name for name in metrics if name.startswith(VAL_PREFIX) and name != f"{VAL_PREFIX}mean")
-    if not terms and not organs:
+    label_free = [name for name in LABEL_FREE_METRICS if metrics.get(name, {}).get("steps")]
+    if not terms and not organs and not label_free:
         raise ValueError(
             f"no loss terms and no validation Dice to draw: the metrics hold only {sorted(metrics)}"
         )
-    figure = Figure(figsize=(9, 10), layout="constrained")
+    figure = Figure(figsize=(9, 13), layout="constrained")
     FigureCanvasAgg(figure)
-    losses, rate, dice = figure.subplots(3, 1, sharex=True)
+    losses, rate, unlabelled, dice = figure.subplots(4, 1, sharex=True)
     colours = {name: f"C{i}" for i, name in enumerate(terms)}
     for name in terms:
         steps, values = metrics[name]["steps"], metrics[name]["values"]
@@ -150,6 +183,23 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
         rate.text(0.5, 0.5, "no learning rate logged", ha="center", va="center", transform=rate.transAxes)
     rate.set_ylabel("learning rate")
     rate.grid(alpha=0.3)
+
+    styles = {"lf_auc": ("o-", "C0", "AUC of p_fg"), "lf_dice": ("s-", "C3", "Dice of p_fg > 0.5")}
+    for name in label_free:
+        marker, colour, label = styles[name]
+        unlabelled.plot(
+            metrics[name]["steps"], metrics[name]["values"], marker, color=colour, markersize=3, label=label
+        )
+    if label_free:
+        unlabelled.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance AUC")
+        unlabelled.legend(loc="upper left", fontsize="small")
+        unlabelled.set_ylim(-0.02, 1.02)
+    else:
+        unlabelled.text(
+            0.5, 0.5, "no label-free validation", ha="center", va="center", transform=unlabelled.transAxes
+        )
+    unlabelled.set_ylabel("label-free (held-out volumes)")
+    unlabelled.grid(alpha=0.3)
 
     for i, name in enumerate(organs):
         series, organ = metrics[name], name[len(VAL_PREFIX) :]

@@ -64,6 +64,12 @@ def cpu_has_native_bf16() -> bool:
     return any(probe is not None and probe() for probe in probes)
 
 
+def cpu_precision() -> str:
+    """The precision of the CPU runs of ``script/demo.sh`` and ``script/learning_check.sh``: ``'bf16'`` where
+    the CPU has bfloat16 instructions (:func:`cpu_has_native_bf16`), ``'fp32'`` elsewhere."""
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bfloat16 autocast on ``device``'s type for ``'bf16'``; a no-op context for ``'fp32'``."""
     check_precision(precision)

@@ -21,7 +21,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.progress import VAL_PREFIX, draw_progress, merge_metrics, read_metrics, validation_table
+from engine.progress import (
+    VAL_PREFIX,
+    draw_progress,
+    label_free_summary,
+    merge_metrics,
+    read_metrics,
+    validation_table,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if args.table:
         print(validation_table(metrics) or "no validation in these runs (validate_every=0)")
+        if summary := label_free_summary(metrics):
+            print(summary)
     print(path)
     failed = False
     for requirement in args.require:

@@ -43,6 +43,8 @@ import numpy as np
 COMPLETED = "COMPLETED"
 #: Prefix of the validation metrics train.py logs.
 VAL_PREFIX = "val_dice_"
+#: The label-free validation's metrics (engine.progress.LABEL_FREE_METRICS) and their column names.
+LABEL_FREE = {"lf_auc": "lf AUC", "lf_dice": "lf Dice"}
 FLAG = "⚠"
 
 
@@ -119,7 +121,8 @@ def find_evaluations(directory: Path) -> list[Evaluation]:
 
 
 def final_validations(directory: Path) -> dict[int, dict[str, Any]]:
-    """Per fold, the last validation logged by its training runs: ``{"step", "dice": {CLASS: fraction}}``."""
+    """Per fold, the last validation logged by its training runs: ``{"step", "dice": {name: fraction}}``
+    with the class names, ``mean`` and the label-free ``lf AUC`` and ``lf Dice``."""
     found: dict[int, dict[str, Any]] = {}
     for metrics_file in sorted(directory.rglob("metrics.json")):
         if metrics_file.parent.parent.name != "train":
@@ -127,9 +130,11 @@ def final_validations(directory: Path) -> dict[int, dict[str, Any]]:
         metrics = _read_json(metrics_file) or {}
         config = _read_json(metrics_file.parent / "config.json") or {}
         series = {
-            name[len(VAL_PREFIX) :]: dict(zip(value["steps"], value["values"], strict=True))
+            LABEL_FREE.get(name, name[len(VAL_PREFIX) :]): dict(
+                zip(value["steps"], value["values"], strict=True)
+            )
             for name, value in metrics.items()
-            if name.startswith(VAL_PREFIX) and value.get("steps")
+            if (name.startswith(VAL_PREFIX) or name in LABEL_FREE) and value.get("steps")
         }
         if not series or "eval_fold" not in config:
             continue
@@ -209,20 +214,23 @@ def summary_rows(chosen: dict[int, dict[str, Any]]) -> tuple[list[str], list[lis
 def validation_rows(
     folds: list[int], validations: dict[int, dict[str, Any]]
 ) -> tuple[list[str], list[list[float | None]]]:
-    """Header and rows of the final validation, aligned with :func:`summary_rows`: one row per fold (Dice
-    in % per class, their mean, then the step; None where absent), then ``mean`` and ``std`` over the folds
-    that have it (no step). No columns when no fold validated."""
+    """Header and rows of the final validation, aligned with :func:`summary_rows`: one row per fold (the
+    label-free AUC as a fraction and its Dice in %, then Dice in % per class, their mean, then the step; None
+    where absent), then ``mean`` and ``std`` over the folds that have it (no step). No columns when no fold
+    validated."""
     names: list[str] = []
     for fold in folds:
         names += [name for name in validations.get(fold, {}).get("dice", {}) if name not in names]
     if not names:
         return [], [[] for _ in range(len(folds) + 2)]
-    names.sort(key=lambda name: name == "mean")  # the mean last
+    label_free = list(LABEL_FREE.values())
+    names.sort(key=lambda name: (name not in label_free, name == "mean"))  # label-free first, the mean last
+    scale = {name: 1.0 if name == LABEL_FREE["lf_auc"] else 100.0 for name in names}
     rows: list[list[float | None]] = []
     for fold in folds:
         found = validations.get(fold, {"dice": {}, "step": None})
         rows.append(
-            [100.0 * found["dice"][n] if n in found["dice"] else None for n in names] + [found["step"]]
+            [scale[n] * found["dice"][n] if n in found["dice"] else None for n in names] + [found["step"]]
         )
     columns = [[row[i] for row in rows if row[i] is not None] for i in range(len(names))]
     rows.append([float(np.mean(c)) if c else None for c in columns] + [None])
@@ -270,7 +278,8 @@ def to_markdown(table: SummaryTable) -> str:
     if val_header:
         lines += [
             "",
-            "val: the last validation during training, on the fold's test volumes (monitoring only).",
+            "val: the last validation during training: organ Dice on the fold's test volumes (monitoring "
+            "only); lf: label-free AUC (a fraction) and Dice (%) on held-out volumes, no label read.",
         ]
     if flags:
         lines += ["", *(f"{FLAG} {flag}" for flag in flags.values())]

@@ -31,9 +31,15 @@ REPO = Path(__file__).resolve().parent.parent
 N_CASES = 6
 
 
-def make_mini_root(data_root: Path, root: Path, edited_labels: dict[int, list[int]] | None = None) -> Path:
+def make_mini_root(
+    data_root: Path,
+    root: Path,
+    edited_labels: dict[int, list[int]] | None = None,
+    blank_supervoxels: tuple[int, ...] = (),
+) -> Path:
     """Link the first :data:`N_CASES` CHAOST2 cases (image, label, supervoxels) of ``data_root`` into
-    ``root``; ``edited_labels`` maps a case id to the class values whose voxels its label copy loses."""
+    ``root``; ``edited_labels`` maps a case id to the class values whose voxels its label copy loses;
+    ``blank_supervoxels``: case ids whose supervoxel copy holds no supervoxel (all 0)."""
     info = get_dataset_info("CHAOST2")
     image_dir = root / "CHAOST2" / info.image_folder
     sv_dir = root / "CHAOST2" / info.supervoxel_folder()
@@ -41,8 +47,12 @@ def make_mini_root(data_root: Path, root: Path, edited_labels: dict[int, list[in
     sv_dir.mkdir(parents=True)
     edited_labels = edited_labels or {}
     for case in list_cases("CHAOST2", data_root, supervoxels=True)[:N_CASES]:
-        for source, folder in ((case.image, image_dir), (case.supervoxel, sv_dir)):
-            (folder / source.name).symlink_to(source)
+        (image_dir / case.image.name).symlink_to(case.image)
+        if case.case_id in blank_supervoxels:
+            supervoxels, geometry = read_volume(case.supervoxel)
+            write_volume(np.zeros_like(supervoxels), geometry, sv_dir / case.supervoxel.name)
+        else:
+            (sv_dir / case.supervoxel.name).symlink_to(case.supervoxel)
         if case.case_id in edited_labels:
             label, geometry = read_volume(case.label)
             label = np.where(np.isin(label, edited_labels[case.case_id]), 0, label).astype(label.dtype)

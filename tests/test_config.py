@@ -105,3 +105,25 @@ class TestConfig:
         assert (base["validate_every"], base["validate_cases"], base["validate_labels"]) == (0, 2, None)
         assert official["validate_every"] == 2000 and debug["validate_every"] == 0
         assert base["allow_cross_eval"] is False
+
+    def test_defaults_of_the_label_free_validation(self):
+        base, debug = self._config(), self._config(["debug"])
+        assert base["label_free_episodes"] == 40 and debug["label_free_episodes"] == 40
+        with pytest.raises(ValueError, match="validate_cases: expected None or an int >= 0, got -1"):
+            self._config(validate_cases=-1)
+
+
+def test_resume_refuses_every_key_but_the_listed_ones():
+    from config import RESUME_MAY_DIFFER, base_config_keys, resume_differences
+
+    saved = {"seed": 1, "n_steps": 10, "device": "cpu", "validate_every": 0, "new_key": 3}
+    now = {"seed": 1, "n_steps": 20, "device": "cuda", "validate_every": 5, "new_key": 4}
+    assert resume_differences(saved, now) == {"n_steps": (10, 20), "new_key": (3, 4)}
+    # keys of snapshots written before the speed switches existed count as the faithful values
+    assert resume_differences({}, {"precision": "fp32", "sgd_impl": None}) == {}
+    assert resume_differences({}, {"precision": "bf16"}) == {"precision": ("fp32", "bf16")}
+    top_level = {key.split(".")[0] for key in base_config_keys()}
+    assert set(RESUME_MAY_DIFFER) <= top_level
+    assert {"seed", "optim", "loss_weights", "n_steps", "precision", "image_size"} <= top_level - set(
+        RESUME_MAY_DIFFER
+    )

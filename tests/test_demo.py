@@ -1,8 +1,9 @@
 """The quick-start pipeline (script/demo.sh) end to end at a minimal size, so it cannot silently break.
 
 Phantom of 10 cases x 10 slices at 64 px, supervoxels with min_size 200, 2 training steps at 32 px on the
-CPU with a validation at the last step, evaluation of fold 0: checks the exit status, the printed
-validation curve and Dice table and the output files, not the Dice values (2 steps learn nothing).
+CPU with the label-free validation before the first and at the last step, evaluation of fold 0: checks the
+exit status, the printed label-free curve, the Dice table and the output files, not the values (2 steps
+learn nothing).
 """
 
 from __future__ import annotations
@@ -58,11 +59,15 @@ def test_demo_runs_end_to_end(demo_run: tuple[subprocess.CompletedProcess, Path]
         assert list((test_dir / "predictions" / organ).glob("pred_*.nii.gz"))
         assert list((test_dir / "overlays" / organ).glob("*.png"))
     assert f"results.json: {test_dir}/results.json" in result.stdout
-    # The validation at the last step: its curve is printed and drawn.
+    # The label-free curve leads the report (before the organ Dice table); it is printed and drawn.
     train_dir = out / "runs" / "demo_cpu" / "fold0" / "train" / "1"
-    assert "validation curve" in result.stdout
-    header = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["step"]]
-    assert header == [["step", "LIVER", "LK", "RK", "SPLEEN", "mean", "loss"]]
+    assert result.stdout.index("label-free validation curve") < result.stdout.index("| fold | LIVER")
+    lines = result.stdout.splitlines()
+    header = [line.split() for line in lines if line.split()[:1] == ["step"]]
+    assert header == [["step", "lf", "AUC", "lf", "Dice", "loss"]]
+    assert "label-free AUC on the held-out volumes (no label read; chance 0.5):" in result.stdout
+    assert " at step 0, " in result.stdout and " at step 2 " in result.stdout
+    assert "Organ Dice needs general-purpose features" in result.stdout
     assert (train_dir / "progress.png").stat().st_size > 0
     assert f"{train_dir}/progress.png" in result.stdout
 

@@ -48,6 +48,7 @@ def roots(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return {
         "mini": make_mini_root(data_root, base / "mini"),
         "edited": make_mini_root(data_root, base / "edited", edited_labels={8: [4, 2], 10: [3, 2]}),
+        "blank_held_out": make_mini_root(data_root, base / "blank_held_out", blank_supervoxels=(8, 10)),
     }
 
 
@@ -112,6 +113,18 @@ CASES = [
         "unknown_validation_class", "train", {"validate_labels": [7]}, match=r"validate_labels: .* got \[7\]"
     ),
     Case("negative_validation_interval", "train", {"validate_every": -5}, match=r"validate_every: .* got -5"),
+    Case(
+        "negative_label_free_episodes",
+        "train",
+        {"label_free_episodes": -1},
+        match=r"label_free_episodes: expected an int >= 0, got -1",
+    ),
+    Case(
+        "validation_of_nothing",
+        "train",
+        {"validate_every": 2, "validate_cases": 0, "label_free_episodes": 0},
+        match=r"validate_every=2 validates nothing: validate_cases=0 and label_free_episodes=0",
+    ),
     # Cases that already held: keys, modes, files (now also before the run folder exists).
     Case("mistyped_key", "train", {"lrr": 0.1}, match=r"unknown config key\(s\): 'lrr'"),
     Case("mistyped_nested_key", "train", {"path": {"log_dri": "x"}}, match=r"did you mean 'path\.log_dir'"),
@@ -214,6 +227,18 @@ CASES = [
         match=r"(?s)validate_labels: .*SPLEEN \(label 4\): the support volume, case 8, has none",
         outputs="failed_run",
         root="edited",
+    ),
+    # The label-free validation set is drawn at start-up, from the held-out volumes only (issue 18).
+    Case(
+        "label_free_set_cannot_be_drawn",
+        "train",
+        {"validate_every": 2, "validate_cases": 0},
+        match=(
+            r"label-free validation \(label_free_episodes=40\): CHAOST2 fold 1: no episode can be drawn from "
+            r"any of the 2 held-out volumes \(cases \[8, 10\]\)"
+        ),
+        outputs="failed_run",
+        root="blank_held_out",
     ),
 ]
 

@@ -1,10 +1,11 @@
 """The house rules of the code base, read off its source: the import graph reads top-down (no cycle, no
 import from a lower layer up to a higher one), ``models/`` imports nothing outside itself, and no product
-module edits ``sys.path`` (the project is installed with ``pip install -e .``)."""
+module edits Python's module search path (the project is installed with ``pip install -e .``)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,13 +23,15 @@ LAYERS = (
 
 
 def _product_modules() -> dict[str, Path]:
-    """Dotted name → file of every Python module of the project outside ``tests/``."""
+    """Dotted name → file of every Python module of the project: the top-level modules, the packages at the
+    top (folders with an ``__init__.py``) and ``script/``; tests and run outputs are not the product."""
+    roots = [p for p in REPO.iterdir() if p.is_dir() and (p / "__init__.py").is_file() and p.name != "tests"]
+    files = [p for p in REPO.glob("*.py")] + [
+        f for root in [*roots, REPO / "script"] for f in root.rglob("*.py")
+    ]
     modules = {}
-    for path in REPO.rglob("*.py"):
-        relative = path.relative_to(REPO)
-        if relative.parts[0] in {"tests", ".venv", "build"} or relative.parts[0].startswith("."):
-            continue
-        parts = list(relative.with_suffix("").parts)
+    for path in files:
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
         modules[".".join(parts)] = path
@@ -119,5 +122,6 @@ def test_no_import_cycle() -> None:
     assert cycles == []
 
 
-def test_no_sys_path_edits() -> None:
-    assert [str(path) for path in MODULES.values() if "sys.path" in path.read_text()] == []
+def test_no_module_search_path_edits() -> None:
+    edit = re.compile(r"\bsys\s*\.\s*path\b")
+    assert [str(path) for path in MODULES.values() if edit.search(path.read_text())] == []

@@ -1,15 +1,18 @@
 """``script/learning_check.sh`` end to end at a minimal size, so that the check itself cannot silently break.
 
-Six real CHAOST2 cases (fold 0 = positions 0-4, so one training volume), 2 steps at 32 px, a validation at
-each step on one query volume: checks the exit status, the printed curve and verdict and the picture; a goal
-no run can reach must fail the check. The Dice values of 2 steps mean nothing; the measured curve of the real
-check is in the README.
+Six real CHAOST2 cases (fold 0 = positions 0-4, so one training volume), 2 steps at 32 px, a validation
+before the first and after each step on one query volume and on the label-free episodes: checks the exit
+status, the printed curves and verdict and the picture; a goal no run can reach must fail the check; a bad
+dataset or data root fails before any training. The values of 2 steps mean nothing; the measured curves of
+the real checks are in docs/results.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,7 +26,7 @@ pytestmark = pytest.mark.e2e  # runs the commands end to end (CI runs it; -m "no
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _check(data_root: Path, out: Path, goal: str) -> subprocess.CompletedProcess:
+def _check(data_root: Path, out: Path, goal: str, *args: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -38,17 +41,18 @@ def _check(data_root: Path, out: Path, goal: str) -> subprocess.CompletedProcess
         "DIFD_LC_GOAL": goal,
     }
     script = REPO / "script" / "learning_check.sh"
-    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_learning_check_prints_its_curve_and_judges_the_goal(data_root: Path, tmp_path: Path) -> None:
     mini = make_mini_root(data_root, tmp_path / "data")
     done = _check(mini, tmp_path / "out", goal="0")
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    run_dir = tmp_path / "out" / "runs" / "learning_check" / "fold0" / "train" / "1"
-    table = done.stdout[done.stdout.index("validation curve") :].splitlines()
-    assert table[1].split() == ["step", "LIVER", "SPLEEN", "mean", "loss"]
-    assert [line.split()[0] for line in table[2:4]] == ["1", "2"]
+    run_dir = tmp_path / "out" / "runs" / "learning_check_CHAOST2" / "fold0" / "train" / "1"
+    table = done.stdout[done.stdout.index("validation curves") :].splitlines()
+    assert table[1].split() == ["step", "lf", "AUC", "lf", "Dice", "LIVER", "SPLEEN", "mean", "loss"]
+    assert [line.split()[0] for line in table[2:5]] == ["0", "1", "2"]
+    assert "label-free AUC on the held-out volumes" in done.stdout
     assert f"picture of the run: {run_dir}/progress.png" in done.stdout
     assert (run_dir / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((run_dir / "config.json").read_text())
@@ -61,3 +65,23 @@ def test_learning_check_prints_its_curve_and_judges_the_goal(data_root: Path, tm
     assert failed.returncode == 1
     assert "FAILED: below 101 %" in failed.stdout and "did not reach 101 %" in failed.stderr
     assert "passed" not in failed.stdout
+
+
+@pytest.mark.parametrize(
+    ("argument", "layout", "said"),
+    [
+        ("abd_mr", "chaos", r"unknown dataset 'abd_mr': expected abd_mri \(CHAOST2\), cmr \(CMR\) or abd_ct"),
+        ("cmr", "chaos", r"CMR: image folder not found: .*cmr_MR_normalized"),
+        ("abd_mri", "no_supervoxels", r"CHAOST2: supervoxel folder not found: .*supervoxels_5000"),
+    ],
+)
+def test_learning_check_refuses_bad_input_before_training(
+    data_root: Path, tmp_path: Path, argument: str, layout: str, said: str
+) -> None:
+    mini = make_mini_root(data_root, tmp_path / "data")
+    if layout == "no_supervoxels":
+        shutil.rmtree(mini / "CHAOST2" / "supervoxels_5000")
+    done = _check(mini, tmp_path / "out", "60", argument)
+    assert done.returncode == 2
+    assert re.search(said, done.stderr), done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -52,7 +52,7 @@ def test_plot_run_draws_a_saved_metrics_json(tmp_path: Path):
         assert done.stdout.strip() == str(picture)
         assert picture.read_bytes()[:8] == PNG_SIGNATURE
         image = cv2.imread(str(picture))
-        assert image is not None and image.shape == (1000, 900, 3)
+        assert image is not None and image.shape == (1300, 900, 3)  # 4 panels: losses, lr, label-free, organs
         assert not list(picture.parent.glob(".progress.png.tmp*")), "temporary file left behind"
 
 
@@ -83,6 +83,21 @@ def test_validation_table():
     assert lines[1].split() == ["20", "50.0", "-", "50.0", f"{smooth([3.0, 2.0])[-1]:.3f}"]
     assert lines[2].split() == ["30", "62.5", "25.0", "43.8", f"{smooth([3.0, 2.0, 1.0])[-1]:.3f}"]
     assert validation_table({"total": metrics["total"]}) == ""
+
+
+def test_validation_table_leads_with_the_label_free_curve():
+    metrics = {
+        "total": {"steps": [10, 20], "values": [3.0, 2.0]},
+        "lf_auc": {"steps": [10, 20], "values": [0.5, 0.6125]},
+        "lf_dice": {"steps": [10, 20], "values": [0.076, 0.054]},
+        "val_dice_LIVER": {"steps": [20], "values": [0.5]},
+    }
+    lines = validation_table(metrics).splitlines()
+    assert lines[0].split() == ["step", "lf", "AUC", "lf", "Dice", "LIVER", "loss"]
+    assert lines[1].split() == ["10", "0.500", "7.6", "-", f"{smooth([3.0])[-1]:.3f}"]
+    assert lines[2].split() == ["20", "0.613", "5.4", "50.0", f"{smooth([3.0, 2.0])[-1]:.3f}"]
+    only = {name: metrics[name] for name in ("total", "lf_auc", "lf_dice")}
+    assert validation_table(only).splitlines()[0].split() == ["step", "lf", "AUC", "lf", "Dice", "loss"]
 
 
 def test_plot_run_require_checks_the_last_validation_dice(tmp_path: Path):

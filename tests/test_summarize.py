@@ -108,6 +108,26 @@ class TestSummarize:
             csv_rows[1] == "0,80.000000,50.000000,65.000000,42.000000,1.000000,21.500000,6000,fold0/test/1,"
         )
 
+    def test_final_label_free_validation_beside_the_test_dice(self, tmp_path):
+        root = tmp_path / "CHAOST2_setting1"
+        test_run = _sacred_run(root / "fold0" / "test" / "1", "COMPLETED", "2026-01-01T10:00:00", 0)
+        _fake_results(test_run / "results.json", 0, 0.8, 0.5)
+        train = _sacred_run(root / "fold0" / "train" / "1", "COMPLETED", "2026-01-01T09:00:00", 0)
+        metrics = {
+            "lf_auc": {"steps": [100, 200], "values": [0.55, 0.625]},
+            "lf_dice": {"steps": [100, 200], "values": [0.1, 0.05]},
+            "val_dice_LIVER": {"steps": [100, 200], "values": [0.2, 0.3]},
+            "val_dice_mean": {"steps": [100, 200], "values": [0.2, 0.3]},
+        }
+        (train / "metrics.json").write_text(json.dumps(metrics))
+        done = _summarize(root)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        header = "| fold | LIVER | RK | mean | val lf AUC | val lf Dice | val LIVER | val mean | val step |"
+        assert lines[2] == header + " evaluation |"
+        assert lines[4] == "| 0 | 80.00 | 50.00 | 65.00 | 0.62 | 5.00 | 30.00 | 30.00 | 200 | fold0/test/1 |"
+        assert "label-free AUC" in done.stdout
+
     def test_duplicate_explicit_fold_is_an_error(self, tmp_path):
         a = _fake_results(tmp_path / "a" / "results.json", 0, 0.8, 0.6)
         b = _fake_results(tmp_path / "b" / "results.json", 0, 0.7, 0.9)

@@ -188,7 +188,8 @@ def test_interrupted_run_resumes_on_the_same_trajectory(reference_run: Path, min
 
 
 def test_validation_leaves_the_trajectory_unchanged(reference_run: Path, mini_root: Path, tmp_path: Path):
-    """The reference run again, validating RK on the query volume every 2 steps: the same losses, exactly.
+    """The reference run again, validating RK on the query volume and the label-free episodes before the first
+    step and every 2 steps: the same losses, exactly.
 
     With one DataLoader worker (episodes do not depend on the number of workers), forked after the
     validation volumes were read and resized in the main process: OpenCV's thread pool must not be alive
@@ -205,10 +206,15 @@ def test_validation_leaves_the_trajectory_unchanged(reference_run: Path, mini_ro
     run = tmp_path / "CHAOST2_setting1" / "fold1" / "train" / "1"
     assert _metrics(run) == _metrics(reference_run / "train" / "1")
     validation = _metrics(run, ("val_dice_RK", "val_dice_mean"))
-    assert sorted(validation) == [2, 4]
+    assert sorted(validation) == [0, 2, 4]  # before the first step, every 2 steps
     for values in validation.values():
         assert 0.0 <= values["val_dice_RK"] <= 1.0 and values["val_dice_mean"] == values["val_dice_RK"]
     assert "step 2 validation (1 query volume(s)" in done.stderr and "RK " in done.stderr
+    # the label-free validation ran beside it (the default 40 episodes of the held-out volumes)
+    label_free = _metrics(run, ("lf_auc", "lf_dice"))
+    assert sorted(label_free) == [0, 2, 4]
+    assert all(0.0 <= v["lf_auc"] <= 1.0 and 0.0 <= v["lf_dice"] <= 1.0 for v in label_free.values())
+    assert "step 2 label-free validation (40 episodes of held-out volumes" in done.stderr
     _assert_png(run / "progress.png")
 
 
