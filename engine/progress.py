@@ -134,6 +134,11 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def _say(axes, message: str) -> None:
+    """Write ``message`` in the middle of an empty panel."""
+    axes.text(0.5, 0.5, message, ha="center", va="center", transform=axes.transAxes)
+
+
 def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") -> Path:
     """Draw the four panels (see the module docstring) of ``metrics`` into the PNG ``path``, atomically.
 
@@ -172,7 +177,7 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
     if terms:
         losses.legend(loc="upper right", fontsize="small")
     else:  # a validation ran before the first logging step (print_interval)
-        losses.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=losses.transAxes)
+        _say(losses, "no loss logged yet")
     losses.grid(alpha=0.3)
 
     if metrics.get("lr", {}).get("steps"):
@@ -180,7 +185,7 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
         rate.plot(metrics["lr"]["steps"], metrics["lr"]["values"], color="k", drawstyle="steps-pre")
         rate.set_yscale("log")
     else:
-        rate.text(0.5, 0.5, "no learning rate logged", ha="center", va="center", transform=rate.transAxes)
+        _say(rate, "no learning rate logged")
     rate.set_ylabel("learning rate")
     rate.grid(alpha=0.3)
 
@@ -195,9 +200,7 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
         unlabelled.legend(loc="upper left", fontsize="small")
         unlabelled.set_ylim(-0.02, 1.02)
     else:
-        unlabelled.text(
-            0.5, 0.5, "no label-free validation", ha="center", va="center", transform=unlabelled.transAxes
-        )
+        _say(unlabelled, "no label-free validation")
     unlabelled.set_ylabel("label-free (held-out volumes)")
     unlabelled.grid(alpha=0.3)
 
@@ -212,9 +215,7 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
         dice.legend(loc="upper left", fontsize="small")
         dice.set_ylim(-2, 102)
     else:
-        dice.text(
-            0.5, 0.5, "no validation (validate_every=0)", ha="center", va="center", transform=dice.transAxes
-        )
+        _say(dice, "no validation (validate_every=0)")
     dice.set_ylabel("validation Dice % (test volumes)")
     dice.set_xlabel("training step")
     dice.grid(alpha=0.3)
