@@ -18,7 +18,8 @@ Every value is checked with its key's name before any folder is made or any volu
 types and ranges (``optim.lr=abc``, ``seed=-1``, ``image_size=64.7``, ``eval_fold=5`` are refused), names
 (datasets, classes, modes), and, for ``train``/``test`` runs, the files the run needs
 (:func:`check_run_files`: device, data root, pretrained checkpoint, snapshots; the evaluated checkpoint and
-the config it records).
+the config it records). A ``train`` run then takes the run folder's lock (:mod:`engine.runlock`: one writer
+per run folder) and fetches a missing pretrained file when the network answers (:func:`fetch_pretrained`).
 
 Run folders: ``<path.log_dir>/<exp_str>/fold<eval_fold>/`` with ``train/<id>/`` and ``test/<id>/`` (Sacred
 ``FileStorageObserver`` folders: resolved config, git commit, metrics, captured output, and for training
@@ -45,6 +46,7 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from dataloaders.datasets import get_dataset_info
 from dataloaders.train_dataset import EXCLUSION_MODES
+from engine.runlock import acquire
 from engine.runtime import LOSS_TERMS, PRECISIONS, SGD_IMPLS
 from engine.snapshots import latest_snapshot
 from models.difd import MULTI_SHOT
@@ -534,6 +536,9 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
     ex.observers[:] = [obs for obs in ex.observers if not isinstance(obs, FileStorageObserver)]
     # Under torchrun only rank 0 owns the run folder (the other ranks would race for the same run id).
     if int(os.environ.get("RANK", "0")) == 0:
+        if command_name == "train":
+            # One writer per run folder, taken before Sacred makes train/<id> (train.py releases it).
+            acquire(run_folder(config), "train.py", logger)
         ex.observers.append(FileStorageObserver(str(run_folder(config) / command_name)))
     return {"mode": command_name}
 

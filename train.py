@@ -37,6 +37,10 @@ SIGKILL) and the preemption warning of submitit (``$SUBMITIT_PREEMPT_SIGNAL``, S
 same as the first Ctrl-C, also during set-up, and a repeated one changes nothing (the process then ends by
 that signal). ``script/launch.py`` runs this script as the training stage of a grid's jobs.
 
+One writer per run folder: the config hook takes ``<run folder>/.lock`` before Sacred makes ``train/<id>``
+(:mod:`engine.runlock`); a second train.py on the same fold stops with an error naming the holder, and a
+dead holder's successor takes the lock over with a message.
+
 Speed switches (defaults: the faithful numerics; :mod:`engine.runtime`): ``precision='bf16'`` runs the model's
 forward under bfloat16 autocast (the losses stay float32), ``channels_last=True`` stores the convolution
 weights NHWC, ``sgd_impl='foreach'|'fused'`` picks SGD's multi-tensor or fused kernels.
@@ -72,6 +76,7 @@ from config import ex, output_dir, resolve_pretrained_path, resume_differences, 
 from dataloaders import TestDataset, TrainDataset, get_dataset_info, list_cases, worker_init_fn
 from dataloaders.test_dataset import check_fold_classes
 from engine.monitor import Monitor, StopRequest, TrainingStopped
+from engine.runlock import release
 from engine.runtime import (
     DistributedContext,
     EpisodeIndices,
@@ -301,13 +306,16 @@ EARLY_STOP: StopRequest | None = None
 
 @ex.main
 def train(_run, _log, _config) -> str:
-    """Train one fold; returns the path of the final snapshot."""
+    """Train one fold; returns the path of the final snapshot. The run folder's lock (taken by the config
+    hook on rank 0) is released at the end, however the run ends."""
     cfg = json.loads(json.dumps(_config))  # plain types: Sacred's read-only containers do not pickle portably
     stop = EARLY_STOP or StopRequest(interrupt=False)
     try:
         return train_fold(_run, _log, cfg, stop)
     finally:
         stop.close()
+        if int(os.environ.get("RANK", "0")) == 0:
+            release(run_folder(cfg))
 
 
 def train_fold(_run, _log, cfg: dict[str, Any], stop: StopRequest) -> str:
