@@ -32,6 +32,7 @@ module.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from difflib import get_close_matches
@@ -547,6 +548,25 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
 def print_run_root(path, exp_str):
     """Print ``<path.log_dir>/<exp_str>``, the folder of the fold<k> run folders (for the scripts)."""
     print(Path(path["log_dir"]) / exp_str)
+
+
+@ex.command(unobserved=True)
+def resolved_config(_config) -> dict[str, Any]:
+    """The resolved config, as plain types (:func:`resolve_config`)."""
+    return json.loads(json.dumps(_config))
+
+
+def resolve_config(named_configs: list[str], config_updates: dict[str, Any]) -> dict[str, Any]:
+    """The config that ``train.py``/``test.py`` with these named configs and updates would run with,
+    checked by :func:`check_values` (the config hook); nothing is run or written. ``script/launch.py``
+    resolves each run of a grid through it."""
+    run = ex.run(
+        "resolved_config",
+        named_configs=list(named_configs),
+        config_updates=config_updates,
+        options={"--loglevel": "ERROR"},
+    )
+    return run.result
 
 
 if __name__ == "__main__":
