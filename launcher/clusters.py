@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -221,7 +222,7 @@ def job_active(cluster: str, job: str, host: str, states: dict[str, str] | None)
     """Whether a job of an earlier submission is waiting or running, and its state's name: SLURM from
     ``states`` (:func:`squeue_states`), local from its controller process (unknown on another host)."""
     if cluster == "local":
-        if host != os.uname().nodename:
+        if host != socket.gethostname():
             return None, f"local job on {host}"
         return (True, "RUNNING") if pid_alive(int(job)) else (False, "ENDED")
     if states is None:

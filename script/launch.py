@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from config import WEIGHTS_MIRROR_ENV, default_pretrained_path, fetch_pretrained
-from engine.runlock import RunLocked, acquire, release
+from engine.runlock import RunLocked, acquire, read_holder, release
 from launcher.checks import check_grid, run_is_finished
 from launcher.clusters import (
     Resources,
@@ -53,6 +53,8 @@ from utils import DownloadError
 
 #: States after which a run needs nothing more from its job.
 ENDED = ("finished", "failed", "not submitted", "unknown")
+#: Seconds a Ctrl-C of ``--wait`` waits for the local training processes to write their snapshot.
+STOP_WAIT_S = 300
 #: The least time between SLURM's warning and the job's start: earlier, the warning can come before the
 #: job's handler is installed, and it kills the job (measured on SLURM 22.05).
 MIN_WARNING_MARGIN_S = 90
@@ -151,9 +153,14 @@ def describe_run(run: Run, gpus_per_run: int, finished: bool, findings) -> list[
     return lines
 
 
-def wait_for(grid: Path, keys: set[str], poll_s: float) -> int:
-    """Poll the status of ``keys`` until none is pending, running or requeued; print the table; 0 when all
-    finished."""
+def wait_for(grid: Path, keys: set[str], poll_s: float, cluster: str) -> int:
+    """Poll the status of ``keys`` every ``poll_s`` until none is pending, running or requeued; print the
+    table; 0 when all finished.
+
+    Ctrl-C (local): the terminal's SIGINT also reaches the local jobs, whose training stops after a snapshot;
+    this waits (at most :data:`STOP_WAIT_S`) until no training process holds a run folder, so that the
+    same command can continue at once. A second Ctrl-C stops waiting.
+    """
     try:
         while True:
             rows = [row for row in grid_status(grid) if row.key in keys]
@@ -162,12 +169,23 @@ def wait_for(grid: Path, keys: set[str], poll_s: float) -> int:
                 return 0 if all(row.state == "finished" for row in rows) else 1
             time.sleep(poll_s)
     except KeyboardInterrupt:
-        print(
-            "\nstopped waiting; local runs stop after writing a snapshot (continue with the same command), "
-            "SLURM jobs go on (see `script/launch.py status`)",
-            file=sys.stderr,
-        )
-        return 130
+        if cluster == "slurm":
+            print("\nstopped waiting; the SLURM jobs go on (script/launch.py status)", file=sys.stderr)
+            return 130
+    print(
+        "\nstopping: the training runs write a snapshot first (continue with the same command)",
+        file=sys.stderr,
+    )
+    deadline = time.monotonic() + STOP_WAIT_S
+    try:
+        while time.monotonic() < deadline:
+            holders = [h for key in keys if (h := read_holder(grid / key)) is not None and h.alive()]
+            if not holders:
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    return 130
 
 
 def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
@@ -221,7 +239,8 @@ def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
     print(f"submitted {len(todo)} run(s): jobs {', '.join(sorted(set(jobs.values())))}")
     print(f"status: python script/launch.py status {grid}\nreport: python script/summarize.py {grid}")
     if args.wait:
-        return wait_for(grid, set(jobs), args.poll_s)
+        poll_s = args.poll_s or (30.0 if args.cluster == "slurm" else 2.0)  # squeue on a big cluster vs files
+        return wait_for(grid, set(jobs), poll_s, args.cluster)
     return 0
 
 
@@ -270,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         "--measure", type=int, metavar="N", help="time N steps here and estimate (no submission)"
     )
     sub.add_argument("--wait", action="store_true", help="wait for the runs to end")
-    sub.add_argument("--poll-s", type=float, default=30.0, help="seconds between status polls of --wait")
+    sub.add_argument(
+        "--poll-s", type=float, help="seconds between status polls of --wait (SLURM 30, local 2)"
+    )
     sub.set_defaults(func=lambda args: submit(args, sacred_args))
 
     stat = commands.add_parser("status", help="one row per run of a grid folder")
