@@ -251,7 +251,9 @@ class GridJob(submitit.helpers.Checkpointable):
         and return this job to be requeued."""
         child, state = self._child, self._state
         if child is not None and child.alive():
-            child.stop(preempt_signal(), self.stop_wait_s)
+            # train.py snapshots on the warning; test.py has nothing to keep and stops on SIGTERM.
+            training = state is not None and state.get("stage") == TRAINING
+            child.stop(preempt_signal() if training else signal.SIGTERM, self.stop_wait_s)
         if state is not None and self._task is not None:
             attempt = state["attempts"][-1] if state["attempts"] else None
             if attempt is not None and attempt.get("ended") is None:

@@ -201,8 +201,9 @@ def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
         print(f"grid folder {grid}: {len(runs)} run(s), {len(todo)} to run, {len(finished)} finished before")
         for run in runs:
             print("\n".join(describe_run(run, resources.gpus_per_run, run.key in finished, per_run[run.key])))
-        print("checks of the grid:")
-        print("\n".join(f"    {finding.line()}" for finding in general))
+        print("checks of the grid:" if general else "checks of the grid: none (nothing to run)")
+        for finding in general:
+            print(f"    {finding.line()}")
         problems = [f.line() for f in general if not f.ok]
         problems += [f"{f.line()} ({key})" for key, found in per_run.items() for f in found if not f.ok]
         if problems:
