@@ -114,7 +114,7 @@ def estimate_lines(
         f"snapshots written: {measured.full_bytes / 1e6:.1f} MB full, "
         f"{measured.weights_bytes / 1e6:.1f} MB weights-only",
         f"estimate for the {len(runs)} run(s) to train, at this device's speed ({per_device} device(s) per "
-        f"run): {hours:.1f} {kind}-hours of training ({hours / per_device:.1f} h per device in all; "
+        f"run): {hours:.2f} {kind}-hours of training ({hours / per_device:.2f} h per device in all; "
         "evaluation not included)",
         f"disk for their snapshots (keep policy): {final / 1e9:.1f} GB when finished, "
         f"{peak / 1e9:.1f} GB at most while training",

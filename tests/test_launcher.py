@@ -323,3 +323,25 @@ def test_weights_command(tmp_path: Path, capsys):
     shutil.rmtree(mirror)
     assert launch(*argv) == 2
     assert f"cannot download {mirror.as_uri()}/{name}" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_measure_times_steps_here_and_estimates(mini_root: Path, tmp_path: Path, capsys):
+    """--measure trains N+1 steps of the first run in a scratch folder (removed) and estimates the grid;
+    nothing is submitted and the grid folder is not made."""
+    grid = tmp_path / "grid"
+    code = launch(
+        "submit", "--grid", "abd_mri:1,2:1", "--cluster", "local", "--measure", "2", "--timeout-min", "30",
+        "with", "debug", "supp_idx=0", f"data_root={mini_root}", f"path.log_dir={grid}", "n_steps=10",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    per_step = float(
+        re.search(r"device, cpu: ([0-9.]+) s per training step \(mean of steps 2-3", out).group(1)
+    )
+    assert 0 < per_step < 60
+    assert "snapshots written: " in out and " MB weights-only" in out
+    hours = float(re.search(r"the 2 run\(s\) to train.*: ([0-9.]+) CPU-hours of training", out).group(1))
+    assert hours == pytest.approx(2 * 10 * per_step / 3600, abs=0.006)
+    assert "jobs per run" not in out and "about 1 job(s) per run" in out
+    assert out.rstrip().endswith("dry run: nothing submitted") and not grid.exists()
