@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -189,6 +190,17 @@ def write_atomically(
     finally:
         os.close(directory)
     return path
+
+
+def utc_now() -> datetime:
+    """The current UTC time without a time zone, as Sacred records its run times."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def timestamp() -> str:
+    """:func:`utc_now` as ISO text to the second: the time stamp of the project's own records (locks,
+    launch.json, grid.json)."""
+    return utc_now().isoformat(timespec="seconds")
 
 
 class DownloadError(RuntimeError):

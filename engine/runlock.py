@@ -23,10 +23,9 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-from utils import pid_alive, write_atomically
+from utils import pid_alive, timestamp, write_atomically
 
 LOCK_NAME = ".lock"
 GUARD_NAME = ".lock.guard"
@@ -76,8 +75,7 @@ class RunLocked(RuntimeError):
 
 def this_process(command: str) -> Holder:
     """A :class:`Holder` describing the calling process."""
-    started = datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
-    return Holder(socket.gethostname(), os.getpid(), slurm_job_id(), started, command)
+    return Holder(socket.gethostname(), os.getpid(), slurm_job_id(), timestamp(), command)
 
 
 def read_holder(folder: str | os.PathLike) -> Holder | None:

@@ -34,7 +34,6 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ import submitit
 
 from engine.monitor import preempt_signal
 from engine.snapshots import latest_snapshot
-from utils import pid_alive, write_atomically
+from utils import pid_alive, timestamp, write_atomically
 
 STATE_NAME = "launch.json"
 LOG_NAME = "launch.log"
@@ -51,10 +50,6 @@ TRAINING, EVALUATING, FINISHED, FAILED, STOPPED = "training", "evaluating", "fin
 TAIL_LINES = 20
 _PR_SET_PDEATHSIG = 1
 _ERROR_LINE = re.compile(r"(^\w+(\.\w+)*(Error|Exception|Interrupt|Stopped)\b)|(\berror\b:)", re.IGNORECASE)
-
-
-def now() -> str:
-    return datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -85,7 +80,7 @@ def read_state(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def write_state(folder: str | os.PathLike, state: dict[str, Any]) -> None:
-    state["updated"] = now()
+    state["updated"] = timestamp()
     write_atomically(Path(folder) / STATE_NAME, lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
 
 
@@ -257,7 +252,7 @@ class GridJob(submitit.helpers.Checkpointable):
         if state is not None and self._task is not None:
             attempt = state["attempts"][-1] if state["attempts"] else None
             if attempt is not None and attempt.get("ended") is None:
-                attempt.update(ended=now(), outcome="requeued", step=self._step(self._task))
+                attempt.update(ended=timestamp(), outcome="requeued", step=self._step(self._task))
             write_state(self._task.folder, state)
         return submitit.helpers.DelayedSubmission(GridJob(self.tasks, self.retries, self.stop_wait_s))
 
@@ -295,13 +290,15 @@ class GridJob(submitit.helpers.Checkpointable):
         while True:
             state["stage"] = stage
             before = sacred_run_ids(folder / sacred_dir)
-            attempt = {"stage": sacred_dir, "job": state["job"], "started": now(), "ended": None}
+            attempt = {"stage": sacred_dir, "job": state["job"], "started": timestamp(), "ended": None}
             state["attempts"].append(attempt)
             write_state(folder, state)
             returncode, stop_signal = self._attempt(task, state, argv, len(state["attempts"]))
             new_runs = [i for i in sacred_run_ids(folder / sacred_dir) if i not in before]
             status = sacred_status(folder / sacred_dir / str(new_runs[-1])) if new_runs else None
-            attempt.update(ended=now(), returncode=returncode, sacred_run=new_runs[-1] if new_runs else None)
+            attempt.update(
+                ended=timestamp(), returncode=returncode, sacred_run=new_runs[-1] if new_runs else None
+            )
             if sacred_dir == "train":
                 attempt["step"] = self._step(task)
             if returncode == 0:
@@ -334,7 +331,9 @@ class GridJob(submitit.helpers.Checkpointable):
 
     def _attempt(self, task: RunTask, state: dict[str, Any], argv, number: int) -> tuple[int, int | None]:
         """Run ``argv`` to its end; returns its exit status and the signal this job stopped it with."""
-        header = f"{now()} UTC: job {state['job']} on {state['host']} (pid {os.getpid()}), attempt {number}"
+        header = (
+            f"{timestamp()} UTC: job {state['job']} on {state['host']} (pid {os.getpid()}), attempt {number}"
+        )
         child = self._child = Child(tuple(argv), Path(task.folder) / LOG_NAME, header)
         try:
             returncode = child.process.wait()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import pickle
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from engine.snapshots import latest_snapshot
 from launcher.clusters import JOBS_FOLDER, RUNNING, WAITING, job_active, squeue_states
 from launcher.grid import latest_jobs, read_manifest
 from launcher.job import FAILED, FINISHED, STOPPED, last_error_line, log_tail, read_state, sacred_run_ids
+from utils import utc_now
 
 
 @dataclass
@@ -49,10 +50,6 @@ def _time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
 def elapsed_seconds(folder: Path, running: bool) -> float:
     """Time spent by the run's Sacred runs (train and test): stop time, else heartbeat (now for a run
     still going), minus start time."""
@@ -67,7 +64,7 @@ def elapsed_seconds(folder: Path, running: bool) -> float:
             start = _time(run.get("start_time"))
             end = _time(run.get("stop_time"))
             if end is None:
-                end = _utc_now() if running and run_id == ids[-1] else _time(run.get("heartbeat"))
+                end = utc_now() if running and run_id == ids[-1] else _time(run.get("heartbeat"))
             if start and end:
                 total += max(0.0, (end - start).total_seconds())
     return total

@@ -31,7 +31,6 @@ import argparse
 import socket
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from config import WEIGHTS_MIRROR_ENV, default_pretrained_path, fetch_pretrained
@@ -49,7 +48,7 @@ from launcher.job import GridJob, RunTask
 from launcher.measure import estimate_lines, measure_run
 from launcher.status import format_status, grid_status
 from models.encoder import PRETRAINED
-from utils import DownloadError
+from utils import DownloadError, timestamp
 
 #: States after which a run needs nothing more from its job.
 ENDED = ("finished", "failed", "not submitted", "unknown")
@@ -225,7 +224,7 @@ def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
         else:
             jobs = submit_local(grid, todo, resources, args)
         submission = {
-            "submitted": datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="seconds"),
+            "submitted": timestamp(),
             "cluster": args.cluster,
             "host": socket.gethostname(),
             "options": {k: v for k, v in vars(args).items() if k not in ("func", "grid")}
