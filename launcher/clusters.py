@@ -57,8 +57,11 @@ class Resources:
     qos: str | None = None
     sbatch: list[str] = field(default_factory=list)  # extra options, e.g. "--constraint=a100"
 
-    def slurm_timeout_min(self) -> float:
-        return 240.0 if self.timeout_min is None else self.timeout_min
+    def time_limit_min(self, cluster: str) -> float | None:
+        """A job's time limit: as given, else 240 minutes on SLURM and none on this machine."""
+        if self.timeout_min is not None:
+            return self.timeout_min
+        return 240.0 if cluster == "slurm" else None
 
 
 def sbatch_options(extra: list[str]) -> dict[str, Any]:
@@ -80,7 +83,7 @@ def slurm_parameters(resources: Resources, num_workers: int, n_runs: int) -> dic
     processes = max(1, resources.gpus_per_run)
     parameters: dict[str, Any] = {
         "job_name": "difd",
-        "time": int(resources.slurm_timeout_min()),
+        "time": int(resources.time_limit_min("slurm")),
         "nodes": 1,
         "ntasks_per_node": 1,
         "cpus_per_task": resources.cpus_per_run or processes * (num_workers + 1),
@@ -209,7 +212,7 @@ def local_executor(folder: Path, resources: Resources, lane_gpus: list[int]):
         folder=folder / JOBS_FOLDER / "%j", max_num_timeout=resources.max_timeouts
     )
     executor.update_parameters(
-        timeout_min=resources.timeout_min or LOCAL_TIMEOUT_MIN,
+        timeout_min=resources.time_limit_min("local") or LOCAL_TIMEOUT_MIN,
         signal_delay_s=resources.signal_delay_s,
         gpus_per_node=len(lane_gpus),
         visible_gpus=lane_gpus,

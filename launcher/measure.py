@@ -91,10 +91,10 @@ def device_name(device: str) -> str:
 
 
 def estimate_lines(
-    runs: list[Run], measured: Measurement, gpus_per_run: int, timeout_min: float | None
+    runs: list[Run], measured: Measurement, gpus_per_run: int, timeout_min: float | None, max_timeouts: int
 ) -> list[str]:
     """The grid's estimate from ``measured``: device-hours of training, disk for snapshots, and jobs per
-    run under a time limit."""
+    run under a time limit (with a warning when they exceed ``max_timeouts`` requeues)."""
     kind = "GPU" if measured.device.startswith("cuda") else "CPU"
     per_device = max(1, gpus_per_run)
     hours = sum(run.config["n_steps"] for run in runs) * measured.step_s * per_device / 3600
@@ -121,8 +121,14 @@ def estimate_lines(
     ]
     if timeout_min:
         longest = max(run.config["n_steps"] for run in runs) * measured.step_s / 60
+        jobs = int(longest // timeout_min) + 1
         lines.append(
             f"with --timeout-min {timeout_min:g}: the longest run trains about {longest:.0f} min, so about "
-            f"{int(longest // timeout_min) + 1} job(s) per run (requeued at each time limit)"
+            f"{jobs} job(s) per run (requeued at each time limit)"
         )
+        if jobs - 1 > max_timeouts:
+            lines.append(
+                f"warning: that is more requeues than --max-timeouts {max_timeouts} allows; raise it, or the "
+                "time limit, or runs end FAILED after that many time limits"
+            )
     return lines

@@ -81,7 +81,7 @@ def resources_of(args: argparse.Namespace) -> Resources:
         qos=args.qos,
         sbatch=args.sbatch,
     )
-    limit = resources.slurm_timeout_min() if args.cluster == "slurm" else resources.timeout_min
+    limit = resources.time_limit_min(args.cluster)
     if limit is not None and limit * 60 - resources.signal_delay_s < MIN_WARNING_MARGIN_S:
         raise ValueError(
             f"--timeout-min {limit:g} with --signal-delay-s {resources.signal_delay_s}: the warning would "
@@ -213,7 +213,13 @@ def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
             measured = measure_run(todo[0] if todo else runs[0], args.measure, resources.gpus_per_run)
             print(
                 "\n".join(
-                    estimate_lines(todo or runs, measured, resources.gpus_per_run, resources.timeout_min)
+                    estimate_lines(
+                        todo or runs,
+                        measured,
+                        resources.gpus_per_run,
+                        resources.time_limit_min(args.cluster),
+                        resources.max_timeouts,
+                    )
                 )
             )
         if dry or not todo:

@@ -345,3 +345,18 @@ def test_measure_times_steps_here_and_estimates(mini_root: Path, tmp_path: Path,
     assert hours == pytest.approx(2 * 10 * per_step / 3600, abs=0.006)
     assert "jobs per run" not in out and "about 1 job(s) per run" in out
     assert out.rstrip().endswith("dry run: nothing submitted") and not grid.exists()
+
+
+def test_estimate_of_the_official_schedule(tmp_path: Path):
+    """40 000 steps at 0.37 s (the official GPU speed): hours, disk under the keep policy, jobs under a
+    time limit, and a warning when they need more requeues than --max-timeouts allows."""
+    from launcher.measure import Measurement, estimate_lines
+
+    _, runs = resolve_runs(parse_grid(["abd_mri:1:0,1"]), [f"path.log_dir={tmp_path}"])
+    measured = Measurement("cpu", 3, 0.37, 5.0, 496_000_000, 248_000_000)
+    lines = estimate_lines(runs, measured, 1, 60, 3)
+    assert "the 2 run(s) to train, at this device's speed (1 device(s) per run): 8.22 CPU-hours" in lines[2]
+    assert "2.5 GB when finished, 3.5 GB at most while training" in lines[3]  # 2 x (3 x 248 + 496) MB
+    assert "trains about 247 min, so about 5 job(s) per run" in lines[4]
+    assert lines[5].startswith("warning: that is more requeues than --max-timeouts 3 allows")
+    assert len(estimate_lines(runs, measured, 1, 60, 4)) == 5
