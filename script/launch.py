@@ -28,13 +28,14 @@ pretrained files into ``torch.hub``'s checkpoint folder, where ``train.py`` look
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import sys
 import time
 from pathlib import Path
 
 from config import WEIGHTS_MIRROR_ENV, default_pretrained_path, fetch_pretrained
-from engine.runlock import RunLocked, acquire, read_holder, release
+from engine.runlock import GUARD_NAME, RunLocked, acquire, read_holder, release
 from launcher.checks import check_grid, run_is_finished
 from launcher.clusters import (
     Resources,
@@ -43,7 +44,7 @@ from launcher.clusters import (
     slurm_executor,
     visible_gpus,
 )
-from launcher.grid import NotAGrid, Run, parse_grid, record_submission, resolve_runs
+from launcher.grid import MANIFEST, NotAGrid, Run, parse_grid, record_submission, resolve_runs
 from launcher.job import GridJob, RunTask
 from launcher.measure import estimate_lines, measure_run
 from launcher.status import format_status, grid_status
@@ -191,6 +192,7 @@ def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
     resources = resources_of(args)
     grid, runs = resolve_runs(parse_grid(args.grid), sacred_args)
     dry = args.dry_run or args.measure is not None
+    made = not grid.exists()
     if not dry:
         acquire(grid, "script/launch.py submit")  # one submission at a time into a grid folder
     try:
@@ -242,6 +244,10 @@ def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
     finally:
         if not dry:
             release(grid)
+            if made and not (grid / MANIFEST).exists():  # nothing submitted: no folder left behind either
+                (grid / GUARD_NAME).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    grid.rmdir()
     print(f"submitted {len(todo)} run(s): jobs {', '.join(sorted(set(jobs.values())))}")
     print(f"status: python script/launch.py status {grid}\nreport: python script/summarize.py {grid}")
     if args.wait:

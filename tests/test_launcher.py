@@ -262,6 +262,14 @@ class TestDryRun:
         assert code == 1
         assert f"ERR data: CMR: image folder not found: {empty / 'CMR'}" in capsys.readouterr().err
 
+    def test_a_refused_submission_leaves_nothing(self, tmp_path: Path, capsys):
+        """Not a dry run: the same checks refuse it, and no grid folder is left."""
+        empty, grid = tmp_path / "data", tmp_path / "grid"
+        empty.mkdir()
+        argv = ["--grid", "cmr:1:0", "--cluster", "local", "with", "debug", f"data_root={empty}"]
+        assert launch("submit", *argv, f"path.log_dir={grid}") == 1
+        assert "nothing submitted" in capsys.readouterr().err and not grid.exists()
+
     def test_grid_folder_of_another_config(self, mini_root: Path, tmp_path: Path, capsys):
         grid = tmp_path / "grid"
         common = ["debug", "supp_idx=0", f"data_root={mini_root}", f"path.log_dir={grid}"]
