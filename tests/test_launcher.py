@@ -334,9 +334,12 @@ def test_weights_command(tmp_path: Path, capsys):
 
 
 @pytest.mark.e2e
-def test_measure_times_steps_here_and_estimates(mini_root: Path, tmp_path: Path, capsys):
+def test_measure_times_steps_here_and_estimates(
+    mini_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
     """--measure trains N+1 steps of the first run in a scratch folder (removed) and estimates the grid;
     nothing is submitted and the grid folder is not made."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the other runs of the tests (2 threads: 4x slower here)
     grid = tmp_path / "grid"
     code = launch(
         "submit", "--grid", "abd_mri:1,2:1", "--cluster", "local", "--measure", "2", "--timeout-min", "30",
