@@ -41,6 +41,7 @@ from launcher.clusters import (
     Resources,
     local_executor,
     plan_lanes,
+    slurm_available,
     slurm_executor,
     visible_gpus,
 )
@@ -189,6 +190,10 @@ def wait_for(grid: Path, keys: set[str], poll_s: float, cluster: str) -> int:
 
 
 def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
+    if args.cluster is None:
+        reason = slurm_available()
+        args.cluster = "local" if reason else "slurm"
+        print(f"--cluster {args.cluster}: " + (f"{reason}" if reason else "SLURM answers here (sinfo)"))
     resources = resources_of(args)
     grid, runs = resolve_runs(parse_grid(args.grid), sacred_args)
     dry = args.dry_run or args.measure is not None
@@ -283,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument(
         "--grid", action="append", required=True, help="paper, or <dataset>[:<settings>[:<folds>]]"
     )
-    sub.add_argument("--cluster", choices=("slurm", "local"), required=True)
+    sub.add_argument(
+        "--cluster", choices=("slurm", "local"), help="default: slurm where SLURM answers (sinfo), else local"
+    )
     sub.add_argument("--partition")
     sub.add_argument("--account")
     sub.add_argument("--qos")
