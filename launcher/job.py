@@ -151,7 +151,6 @@ class Child:
     """One attempt's child process (``train.py``, torchrun, ``test.py``), its output appended to ``log``."""
 
     def __init__(self, argv: tuple[str, ...], log: Path, header: str) -> None:
-        self.stop_signal: int | None = None
         with open(log, "ab") as stream:
             stream.write(f"\n=== {header}\n=== {' '.join(argv)}\n".encode())
             stream.flush()
@@ -184,7 +183,6 @@ class Child:
         end (snapshot written), then SIGTERM (a child that had not yet installed its handler ignored the
         preemption signal), and SIGKILL what is left at the end. Safe inside a signal handler: it never
         waits on the ``Popen`` (whose lock the interrupted main code may hold)."""
-        self.stop_signal = signum
         self._signal_all(signum)
         if self._wait_ended(wait_s * 0.75):
             return
@@ -293,7 +291,7 @@ class GridJob(submitit.helpers.Checkpointable):
             attempt = {"stage": sacred_dir, "job": state["job"], "started": timestamp(), "ended": None}
             state["attempts"].append(attempt)
             write_state(folder, state)
-            returncode, stop_signal = self._attempt(task, state, argv, len(state["attempts"]))
+            returncode = self._attempt(task, state, argv, len(state["attempts"]))
             new_runs = [i for i in sacred_run_ids(folder / sacred_dir) if i not in before]
             status = sacred_status(folder / sacred_dir / str(new_runs[-1])) if new_runs else None
             attempt.update(
@@ -306,7 +304,8 @@ class GridJob(submitit.helpers.Checkpointable):
                 write_state(folder, state)
                 return
             tail = log_tail(folder / LOG_NAME)
-            if stop_signal is None and (status == "INTERRUPTED" or returncode < 0 and returncode != -9):
+            # A stop this job asked for never returns here (submitit exits in its handler).
+            if status == "INTERRUPTED" or (returncode < 0 and returncode != -signal.SIGKILL):
                 name = signal.Signals(-returncode).name if returncode < 0 else "a stop request"
                 attempt["outcome"] = "stopped"
                 state["stage"] = STOPPED
@@ -329,8 +328,8 @@ class GridJob(submitit.helpers.Checkpointable):
                 )
             write_state(folder, state)
 
-    def _attempt(self, task: RunTask, state: dict[str, Any], argv, number: int) -> tuple[int, int | None]:
-        """Run ``argv`` to its end; returns its exit status and the signal this job stopped it with."""
+    def _attempt(self, task: RunTask, state: dict[str, Any], argv, number: int) -> int:
+        """Run ``argv`` to its end; returns its exit status."""
         header = (
             f"{timestamp()} UTC: job {state['job']} on {state['host']} (pid {os.getpid()}), attempt {number}"
         )
@@ -344,4 +343,4 @@ class GridJob(submitit.helpers.Checkpointable):
         finally:
             child.kill_group()
             self._child = None
-        return returncode, child.stop_signal
+        return returncode

@@ -240,8 +240,7 @@ def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
             "submitted": timestamp(),
             "cluster": args.cluster,
             "host": socket.gethostname(),
-            "options": {k: v for k, v in vars(args).items() if k not in ("func", "grid")}
-            | {"grid": args.grid},
+            "options": {key: value for key, value in vars(args).items() if key != "func"},
             "with": sacred_args,
             "jobs": jobs,
         }
