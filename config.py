@@ -18,7 +18,8 @@ Every value is checked with its key's name before any folder is made or any volu
 types and ranges (``optim.lr=abc``, ``seed=-1``, ``image_size=64.7``, ``eval_fold=5`` are refused), names
 (datasets, classes, modes), and, for ``train``/``test`` runs, the files the run needs
 (:func:`check_run_files`: device, data root, pretrained checkpoint, snapshots; the evaluated checkpoint and
-the config it records).
+the config it records). A ``train`` run then takes the run folder's lock (:mod:`engine.runlock`: one writer
+per run folder) and fetches a missing pretrained file when the network answers (:func:`fetch_pretrained`).
 
 Run folders: ``<path.log_dir>/<exp_str>/fold<eval_fold>/`` with ``train/<id>/`` and ``test/<id>/`` (Sacred
 ``FileStorageObserver`` folders: resolved config, git commit, metrics, captured output, and for training
@@ -31,6 +32,7 @@ module.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from difflib import get_close_matches
@@ -45,13 +47,14 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from dataloaders.datasets import get_dataset_info
 from dataloaders.train_dataset import EXCLUSION_MODES
+from engine.runlock import acquire
 from engine.runtime import LOSS_TERMS, PRECISIONS, SGD_IMPLS
 from engine.snapshots import latest_snapshot
 from models.difd import MULTI_SHOT
 from models.dual_interspersion import REGION_SAMPLING
 from models.encoder import PRETRAINED
 from models.weights import recorded_config
-from utils import resolve_data_root, resolve_device
+from utils import DownloadError, download_checked, resolve_data_root, resolve_device
 
 # 'sys' capture works everywhere (the default 'fd' spawns `tee`); tqdm's carriage returns are collapsed.
 sacred.SETTINGS.CAPTURE_MODE = "sys"
@@ -249,10 +252,46 @@ def output_dir(_run, config: dict[str, Any], command: str) -> Path:
     return run_folder(config) / command / "unobserved"
 
 
-def resolve_pretrained_path(pretrained_weights: str | None, pretrained_path: str | None) -> Path | None:
+#: Environment variable: a base address that replaces ``https://download.pytorch.org/models/`` for the
+#: pretrained files (a site mirror, or a ``file://`` folder holding torchvision's files).
+WEIGHTS_MIRROR_ENV = "DIFD_WEIGHTS_MIRROR"
+
+#: The command that puts the pretrained files where :func:`resolve_pretrained_path` looks for them.
+WEIGHTS_COMMAND = "python script/launch.py weights"
+
+
+def default_pretrained_path(pretrained_weights: str) -> Path:
+    """torchvision's file name for ``pretrained_weights`` in ``torch.hub.get_dir()/checkpoints``."""
+    return Path(torch.hub.get_dir()).expanduser() / "checkpoints" / PRETRAINED[pretrained_weights].file_name
+
+
+def pretrained_url(pretrained_weights: str, mirror: str | None = None) -> str:
+    """Where the file of ``pretrained_weights`` is downloaded from: torchvision's address, or the same file
+    name under ``mirror`` (default ``$DIFD_WEIGHTS_MIRROR``) when one is given."""
+    mirror = mirror or os.environ.get(WEIGHTS_MIRROR_ENV) or None
+    entry = PRETRAINED[pretrained_weights]
+    return entry.url if mirror is None else f"{mirror.rstrip('/')}/{entry.file_name}"
+
+
+def fetch_pretrained(pretrained_weights: str, path: str | os.PathLike, mirror: str | None = None) -> Path:
+    """Download the file of ``pretrained_weights`` to ``path`` with a progress bar, its SHA-256 checked
+    against the prefix in torchvision's file name (:func:`utils.download_checked`: nothing is left behind
+    when the download fails or the hash differs). Raises :class:`utils.DownloadError`."""
+    entry = PRETRAINED[pretrained_weights]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return download_checked(pretrained_url(pretrained_weights, mirror), path, entry.sha256_prefix)
+
+
+def resolve_pretrained_path(
+    pretrained_weights: str | None, pretrained_path: str | None, download: bool = False
+) -> Path | None:
     """The local checkpoint file for ``pretrained_weights``, checked to exist (None when no weights).
 
-    ``pretrained_path`` None means torchvision's file name in ``torch.hub.get_dir()/checkpoints``.
+    ``pretrained_path`` None means torchvision's file name in ``torch.hub.get_dir()/checkpoints``; with
+    ``download`` that file is fetched when it is absent (:func:`fetch_pretrained`), so a machine with
+    internet needs no step of its own. A missing file is a ``FileNotFoundError`` that says the one command
+    to run and where the file must go.
     """
     if pretrained_weights is None:
         return None
@@ -260,15 +299,23 @@ def resolve_pretrained_path(pretrained_weights: str | None, pretrained_path: str
         raise ValueError(
             f"pretrained_weights: expected None or one of {sorted(PRETRAINED)}, found {pretrained_weights!r}"
         )
-    file_name, url = PRETRAINED[pretrained_weights].file_name, PRETRAINED[pretrained_weights].url
-    path = Path(pretrained_path or Path(torch.hub.get_dir()) / "checkpoints" / file_name).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained checkpoint for pretrained_weights={pretrained_weights!r} not found: {path}. "
-            f"Download {url} and pass its location with pretrained_path=... "
-            "(or run with pretrained_weights=None for a randomly initialised encoder)"
-        )
-    return path
+    default = default_pretrained_path(pretrained_weights)
+    path = Path(pretrained_path).expanduser() if pretrained_path else default
+    if path.is_file():
+        return path
+    failed = ""
+    if download and not pretrained_path:
+        try:
+            return fetch_pretrained(pretrained_weights, path)
+        except DownloadError as err:
+            failed = f"; downloading it failed: {err}"
+    raise FileNotFoundError(
+        f"pretrained checkpoint for pretrained_weights={pretrained_weights!r} not found: {path}{failed}. "
+        f"On a machine with internet run `{WEIGHTS_COMMAND} --kind {pretrained_weights}` (it downloads "
+        f"{PRETRAINED[pretrained_weights].url} to {default}) and make the file available here at {default}, "
+        "or pass its location with pretrained_path=... (or run with pretrained_weights=None for a randomly "
+        "initialised encoder)"
+    )
 
 
 def evaluated_checkpoint(config: dict[str, Any]) -> Path:
@@ -451,7 +498,7 @@ def check_run_files(config: dict[str, Any], command: str) -> None:
     checkpoint and the config it records (test; see :data:`CROSS_EVAL_KEYS`)."""
     resolve_device(config["device"])
     if command == "train":
-        resolve_pretrained_path(config["pretrained_weights"], config["pretrained_path"])
+        resolve_pretrained_path(config["pretrained_weights"], config["pretrained_path"], download=True)
     resolve_data_root(config["data_root"])
     if command == "train":
         newest = latest_snapshot(run_folder(config) / "snapshots")
@@ -507,6 +554,9 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
     ex.observers[:] = [obs for obs in ex.observers if not isinstance(obs, FileStorageObserver)]
     # Under torchrun only rank 0 owns the run folder (the other ranks would race for the same run id).
     if int(os.environ.get("RANK", "0")) == 0:
+        if command_name == "train":
+            # One writer per run folder, taken before Sacred makes train/<id> (train.py releases it).
+            acquire(run_folder(config), "train.py", logger)
         ex.observers.append(FileStorageObserver(str(run_folder(config) / command_name)))
     return {"mode": command_name}
 
@@ -515,6 +565,25 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
 def print_run_root(path, exp_str):
     """Print ``<path.log_dir>/<exp_str>``, the folder of the fold<k> run folders (for the scripts)."""
     print(Path(path["log_dir"]) / exp_str)
+
+
+@ex.command(unobserved=True)
+def resolved_config(_config) -> dict[str, Any]:
+    """The resolved config, as plain types (:func:`resolve_config`)."""
+    return json.loads(json.dumps(_config))
+
+
+def resolve_config(named_configs: list[str], config_updates: dict[str, Any]) -> dict[str, Any]:
+    """The config that ``train.py``/``test.py`` with these named configs and updates would run with,
+    checked by :func:`check_values` (the config hook); nothing is run or written. ``script/launch.py``
+    resolves each run of a grid through it."""
+    run = ex.run(
+        "resolved_config",
+        named_configs=list(named_configs),
+        config_updates=config_updates,
+        options={"--loglevel": "ERROR"},
+    )
+    return run.result
 
 
 if __name__ == "__main__":

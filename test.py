@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -154,4 +155,7 @@ def test(_run, _log, _config) -> float:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a scheduler or the grid's job stopping the evaluation) ends it as Ctrl-C does: the outputs
+    # written so far are removed and Sacred records the run as INTERRUPTED.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     ex.run_commandline()

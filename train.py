@@ -39,7 +39,14 @@ one. A resume refuses a snapshot trained with other values of any key but those 
 :data:`config.RESUME_MAY_DIFFER` (a new key is protected by default). The first Ctrl-C (SIGINT) finishes
 the current step, writes a snapshot and stops with the one line
 "stopped at step N; continue with resume=True" (Sacred status INTERRUPTED, exit by SIGINT); a second one
-stops at once.
+stops at once. SIGTERM (what SLURM sends at a time limit, on preemption or scancel, KillWait seconds before
+SIGKILL) and the preemption warning of submitit (``$SUBMITIT_PREEMPT_SIGNAL``, SIGUSR2 by default) do the
+same as the first Ctrl-C, also during set-up, and a repeated one changes nothing (the process then ends by
+that signal). ``script/launch.py`` runs this script as the training stage of a grid's jobs.
+
+One writer per run folder: the config hook takes ``<run folder>/.lock`` before Sacred makes ``train/<id>``
+(:mod:`engine.runlock`); a second train.py on the same fold stops with an error naming the holder, and a
+dead holder's successor takes the lock over with a message.
 
 Speed switches (defaults: the faithful numerics; :mod:`engine.runtime`): ``precision='bf16'`` runs the model's
 forward under bfloat16 autocast (the losses stay float32), ``channels_last=True`` stores the convolution
@@ -77,6 +84,7 @@ from dataloaders import TestDataset, TrainDataset, get_dataset_info, list_cases,
 from dataloaders.test_dataset import check_fold_classes
 from engine.label_free import LabelFreeEpisodes, label_free_episodes
 from engine.monitor import Monitor, StopRequest, TrainingStopped
+from engine.runlock import release
 from engine.runtime import (
     DistributedContext,
     EpisodeIndices,
@@ -335,10 +343,27 @@ def save_snapshot_all_ranks(job: Job, step: int, config: dict[str, Any], _log) -
         _log.info(f"snapshot {job.snapshot_dir / f'{step}.pth'}")
 
 
+#: The stop request installed when train.py starts as a script, before Sacred reads any volume, so that a
+#: SIGTERM or preemption warning during set-up is honoured too (None when ``train`` runs in-process).
+EARLY_STOP: StopRequest | None = None
+
+
 @ex.main
 def train(_run, _log, _config) -> str:
-    """Train one fold; returns the path of the final snapshot."""
+    """Train one fold; returns the path of the final snapshot. The run folder's lock (taken by the config
+    hook on rank 0) is released at the end, however the run ends."""
     cfg = json.loads(json.dumps(_config))  # plain types: Sacred's read-only containers do not pickle portably
+    stop = EARLY_STOP or StopRequest(interrupt=False)
+    try:
+        return train_fold(_run, _log, cfg, stop)
+    finally:
+        stop.close()
+        if int(os.environ.get("RANK", "0")) == 0:
+            release(run_folder(cfg))
+
+
+def train_fold(_run, _log, cfg: dict[str, Any], stop: StopRequest) -> str:
+    """Set-up, resume, then the loop; a stop request ends it after a snapshot (:class:`TrainingStopped`)."""
     job = set_up(cfg, _log)
     start_step, n_steps = resume(job, cfg, _log), cfg["n_steps"]
     final = job.snapshot_dir / f"{n_steps}.pth"
@@ -361,8 +386,11 @@ def train(_run, _log, _config) -> str:
         n_steps=n_steps,
         start_step=start_step,
     )
-    stop = StopRequest()
+    stop.catch_interrupt()
     try:
+        if stop.requested and not job.dist.enabled:
+            _log.warning(f"{stop.signum.name} during set-up: stopping before the first step")
+            raise TrainingStopped(start_step, stop.signum)
         if cfg["validate_every"] and start_step == 0:  # where the curves start: the untrained model
             monitor.validate(0, unwrap(model), cfg["precision"])
         for step, batch in enumerate(episode_loader(job, cfg, start_step), start=start_step + 1):
@@ -377,11 +405,12 @@ def train(_run, _log, _config) -> str:
             if step % cfg["save_snapshot_every"] == 0 or step == n_steps or stopping:
                 save_snapshot_all_ranks(job, step, snapshot_config, _log)
                 monitor.draw()
-            if stopping:
-                raise TrainingStopped(step)
+            if stopping and step < n_steps:
+                signum = stop.signum or signal.SIGINT  # a rank that only agreed with another's request
+                _log.warning(f"{signum.name}: stopped after step {step} and its snapshot")
+                raise TrainingStopped(step, signum)
     finally:
         monitor.close()
-        stop.close()
         if job.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
     _run.info["final_snapshot"] = str(final)
@@ -389,11 +418,13 @@ def train(_run, _log, _config) -> str:
 
 
 if __name__ == "__main__":
+    EARLY_STOP = StopRequest(interrupt=False)
     try:
         ex.run_commandline()
     except TrainingStopped as stopped:
         print(stopped, file=sys.stderr)
-        # Die of SIGINT, as an uncaught KeyboardInterrupt does: the exit status says "interrupted" to the
-        # calling shell (which then stops a loop over folds), not "failed".
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        # Die of the signal that asked for the stop, as an uncaught KeyboardInterrupt dies of SIGINT: the
+        # exit status says "interrupted" to the calling shell or job (which then resumes or stops), not
+        # "failed".
+        signal.signal(stopped.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), stopped.signum)

@@ -1,4 +1,5 @@
-"""The bottom layer: seeding, device resolution, the data-root resolver and the one atomic file write.
+"""The bottom layer: seeding, device resolution, the data-root resolver, the one atomic file write and the
+checked download built on it.
 
 These are the only places where global random state is touched or where a device name is turned into a
 ``torch.device``; library code (``models/``, ``dataloaders/``) takes its device from its inputs and its
@@ -19,6 +20,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +190,58 @@ def write_atomically(
     finally:
         os.close(directory)
     return path
+
+
+def utc_now() -> datetime:
+    """The current UTC time without a time zone, as Sacred records its run times."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def timestamp() -> str:
+    """:func:`utc_now` as ISO text to the second: the time stamp of the project's own records (locks,
+    launch.json, grid.json)."""
+    return utc_now().isoformat(timespec="seconds")
+
+
+class DownloadError(RuntimeError):
+    """A download that failed (unreachable address, dropped connection, hash mismatch); nothing was
+    written."""
+
+
+def download_checked(
+    url: str, path: str | os.PathLike, sha256_prefix: str, timeout_s: float = 30.0, progress: bool = True
+) -> Path:
+    """Download ``url`` (``https://``, ``file://`` ...) to ``path`` through ``torch.hub`` with a progress
+    bar, its SHA-256 required to start with ``sha256_prefix``, through :func:`write_atomically`.
+
+    A download that fails half-way, or whose hash differs (a damaged or truncated file: a dropped
+    connection can end the stream early without an error), raises :class:`DownloadError` and leaves no
+    file behind. ``timeout_s`` bounds each network wait, so a machine whose network drops packets fails
+    instead of hanging.
+    """
+    import http.client
+    import socket
+    import urllib.error
+
+    import torch
+
+    if not sha256_prefix:
+        raise ValueError(f"download of {url}: a SHA-256 prefix is required, so that the file is checked")
+
+    def fetch(tmp: Path) -> None:
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout_s)
+        try:
+            torch.hub.download_url_to_file(url, str(tmp), hash_prefix=sha256_prefix, progress=progress)
+        except RuntimeError as err:  # torch.hub's hash check
+            raise DownloadError(f"{url}: {err} (a damaged, truncated or other file); none kept") from err
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+            reason = getattr(err, "reason", None) or err
+            raise DownloadError(f"cannot download {url}: {reason}") from err
+        finally:
+            socket.setdefaulttimeout(previous)
+
+    return write_atomically(path, fetch, what="downloaded file")
 
 
 def pid_alive(pid: int) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from engine.runtime import build_sgd
-from engine.snapshots import demote_snapshot, save_snapshot
+from engine.snapshots import demote_snapshot, save_snapshot, snapshot_disk_use
 from models import build_difd
 
 MB = 1e6
@@ -47,9 +47,9 @@ def main() -> None:
         full = path.stat().st_size / MB
         demote_snapshot(path)
         weights = path.stat().st_size / MB
-    n = args.n_steps // args.every
+    n = len(range(args.every, args.n_steps, args.every)) + 1
     old = n * full
-    new = (n - 1) * weights + full if n > 1 else weights
+    new, _ = snapshot_disk_use(args.n_steps, args.every, full, weights)
     print(f"DIFD ResNet-101: {n_params / 1e6:.1f} M parameters, decoder_extra_maps={args.decoder_extra_maps}")
     print(f"full snapshot (model + optimiser + RNG): {full:.1f} MB; weights-only: {weights:.1f} MB")
     print(

@@ -1,5 +1,5 @@
 """The training loop's companions: the monitor (logged losses, validation, ``progress.png``) and the stop
-request of the first Ctrl-C.
+requests (the first Ctrl-C, SIGTERM, and the scheduler's preemption warning).
 
 :class:`Monitor` accumulates the loss terms on the device and synchronises only when it logs (every
 ``print_interval`` steps): the mean terms and the learning rate go to Sacred's ``metrics.json``, the log and
@@ -11,6 +11,7 @@ other ranks only take part in the synchronisation, where the ranks also agree on
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -27,31 +28,72 @@ from engine.label_free import LabelFreeEpisodes, label_free_scores
 from engine.progress import draw_progress, missing_matplotlib
 from engine.runtime import LOSS_TERMS, DistributedContext
 
+#: Environment variable naming submitit's warning signal (submitit 1.5 reads the same one; USR2 by default).
+PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
+
+
+def preempt_signal() -> signal.Signals:
+    """The warning signal SLURM sends (through submitit's ``--signal``) before a time limit or on
+    preemption: ``$SUBMITIT_PREEMPT_SIGNAL`` (a name such as ``USR2``), SIGUSR2 by default."""
+    name = os.environ.get(PREEMPT_SIGNAL_ENV, "USR2").upper().removeprefix("SIG")
+    found = getattr(signal, f"SIG{name}", None)
+    if not isinstance(found, signal.Signals) or found in (signal.SIGKILL, signal.SIGSTOP, signal.SIGINT):
+        raise ValueError(
+            f"{PREEMPT_SIGNAL_ENV}: expected the name of a catchable signal other than INT (e.g. USR2), "
+            f"got {os.environ[PREEMPT_SIGNAL_ENV]!r}"
+        )
+    return found
+
 
 class TrainingStopped(KeyboardInterrupt):
-    """A graceful stop (first Ctrl-C) after the snapshot of ``step`` was written.
+    """A graceful stop after the snapshot of ``step`` was written (or before the first step), asked for by
+    ``signum``.
 
     A ``KeyboardInterrupt``, so that Sacred records the run as INTERRUPTED; ``__main__`` prints its one line
-    instead of a traceback.
+    instead of a traceback and ends the process by ``signum``.
     """
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, signum: int = signal.SIGINT) -> None:
         super().__init__(f"stopped at step {step}; continue with resume=True")
+        self.signum = signal.Signals(signum)
 
 
 class StopRequest:
-    """The first SIGINT sets :attr:`requested` (the loop stops after a snapshot); a second stops at once."""
+    """Stop requests of the training loop: :attr:`requested` is set by the first of them, :attr:`signum`
+    says which.
 
-    def __init__(self) -> None:
+    SIGTERM (a scheduler's time limit, preemption or cancel, KillWait seconds before SIGKILL) and the
+    preemption warning (:func:`preempt_signal`) ask for a stop; repeats are ignored, because SLURM signals
+    every process of a job step while the job's own process forwards the same request: a repeated signal
+    must not turn the snapshot into a kill. SIGINT (watched from :meth:`catch_interrupt` on): the first asks
+    for a stop, a second one stops at once (the handler before ours runs).
+    """
+
+    def __init__(self, interrupt: bool = True) -> None:
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._request)
+        self.signum: signal.Signals | None = None
+        self.previous: dict[signal.Signals, object] = {}
+        for signum in (signal.SIGTERM, preempt_signal()):
+            if signum not in self.previous:
+                self.previous[signum] = signal.signal(signum, self._request)
+        if interrupt:
+            self.catch_interrupt()
+
+    def catch_interrupt(self) -> None:
+        """Watch SIGINT from now on (train.py does so at its loop; earlier, Ctrl-C stops at once)."""
+        if signal.SIGINT not in self.previous:
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._request)
 
     def _request(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        if not self.requested:
+            self.requested, self.signum = True, signal.Signals(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
 
     def close(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
 
 class Monitor:

@@ -129,6 +129,20 @@ def apply_keep_policy(folder: str | os.PathLike, step: int, final: bool) -> list
     return demoted
 
 
+def snapshot_disk_use(n_steps: int, every: int, full_bytes: int, weights_bytes: int) -> tuple[int, int]:
+    """Bytes a run's snapshots take under the keep policy: ``(at the end, at most while training)``.
+
+    Snapshots are written every ``every`` steps and at ``n_steps``: ``n`` files. At the end ``n - 1`` are
+    weights-only and one (the one before the final) is full (a single snapshot is weights-only). While
+    snapshot ``k`` is written, its temporary (full) exists beside the two newest full ones and the older
+    weights-only ones, the most at ``k = n``.
+    """
+    n = len(range(every, n_steps, every)) + 1
+    final = (n - 1) * weights_bytes + full_bytes if n > 1 else weights_bytes
+    peak = (min(n - 1, 2) + 1) * full_bytes + max(0, n - 3) * weights_bytes
+    return final, max(final, peak)
+
+
 def list_snapshots(folder: str | os.PathLike) -> list[tuple[int, Path]]:
     """``(step, path)`` of every ``<step>.pth`` in ``folder``, sorted by step (missing folder: empty list)."""
     folder = Path(folder)

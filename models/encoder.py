@@ -37,6 +37,12 @@ class PretrainedFile:
     url: str
     prefix: str
 
+    @property
+    def sha256_prefix(self) -> str:
+        """The hex digits after the file name's last ``-``: the start of the file's SHA-256 (torch.hub's
+        rule, ``deeplabv3_resnet101_coco-586e9e4e.pth`` → ``586e9e4e``)."""
+        return self.file_name.rsplit("-", 1)[1].split(".", 1)[0]
+
 
 #: The ``pretrained_weights`` kinds (method.md §4.1).
 PRETRAINED = {

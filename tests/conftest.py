@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from config import WEIGHTS_MIRROR_ENV
 from dataloaders import TestDataset
 from tests.run_fixtures import make_mini_root, one_thread
 from utils import resolve_data_root
+
+# Hermetic tests: a train.py that misses its pretrained file tries this (absent) folder, never the internet.
+os.environ[WEIGHTS_MIRROR_ENV] = (Path(__file__).resolve().parent / "no_weights_mirror").as_uri()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

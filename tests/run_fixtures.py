@@ -5,8 +5,9 @@ then positions 4-5 (support = position 4, case 8; one query volume, position 5, 
 positions 0-3 (``debug`` keeps 3 of them). ``edited_labels`` replaces chosen label files by copies with
 some classes removed (to test the class checks).
 
-:func:`load_test_script`: ``test.py`` loaded as a module, so that its ``test`` command runs in the test
-process (``ex.run``) without a Python start-up; loaded by path because ``test`` is a stdlib package name.
+:func:`load_test_script`: ``test.py`` loaded as a module (:func:`load_script`, which loads any script by
+its path), so that its ``test`` command runs in the test process (``ex.run``) without a Python start-up;
+loaded by path because ``test`` is a stdlib package name.
 Such a run, and any OpenCV work in the pytest process, goes inside :func:`one_thread`: the scripts' kernels
 (they run with ``OMP_NUM_THREADS=1`` in the tests), and no OpenCV thread pool left alive in the pytest
 process, where it makes the ``cv2.setNumThreads`` of later DataLoader workers (forked copies) hang.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -63,12 +65,19 @@ def make_mini_root(
 
 
 @functools.cache
-def load_test_script() -> ModuleType:
-    """``test.py`` as a module (registers the ``test`` command on the shared Sacred experiment)."""
-    spec = importlib.util.spec_from_file_location("difd_test_script", REPO / "test.py")
+def load_script(relative: str) -> ModuleType:
+    """A script of the repository (``test.py``, ``script/launch.py``) as a module, loaded by its path."""
+    name = "difd_" + relative.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, REPO / relative)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_test_script() -> ModuleType:
+    """``test.py`` as a module (registers the ``test`` command on the shared Sacred experiment)."""
+    return load_script("test.py")
 
 
 @contextlib.contextmanager

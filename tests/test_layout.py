@@ -18,6 +18,7 @@ LAYERS = (
     ("engine",),
     ("inference",),
     ("config",),
+    ("launcher",),  # resolves each run's config through config.py; train.py never imports it
     ("train", "test", "segment", "script", "benchmarks"),
 )
 

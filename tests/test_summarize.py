@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from tests.run_fixtures import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,3 +139,94 @@ class TestSummarize:
         b = _fake_results(tmp_path / "b" / "results.json", 0, 0.7, 0.9)
         done = _summarize(a, b)
         assert done.returncode != 0 and "several results.json" in done.stderr
+
+
+def _results(path: Path, dataset: str, fold: int, setting: int, dice: dict[str, float]) -> None:
+    """A results.json of ``dataset`` with the given Dice (fractions) per class."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    classes = {name: {"label": i + 1, "dice": {"3": d}, "iou": {"3": d}, "mean_dice": d, "mean_iou": d}
+               for i, (name, d) in enumerate(dice.items())}  # fmt: skip
+    mean = sum(dice.values()) / len(dice)
+    results = {"dataset": dataset, "eval_fold": fold, "classes": classes, "mean_dice": mean, "mean_iou": mean}
+    path.write_text(json.dumps({**results, "config": {"setting": setting}}))
+
+
+class TestReport:
+    """The grid report: the paper's table per dataset and setting beside a reference CSV."""
+
+    @staticmethod
+    def _grid(tmp_path: Path) -> Path:
+        grid = tmp_path / "runs"
+        organs = ("LIVER", "RK", "LK", "SPLEEN")
+        for fold, values in ((0, (0.80, 0.60, 0.70, 0.50)), (1, (0.70, 0.80, 0.50, 0.70))):
+            path = grid / "CHAOST2_setting1" / f"fold{fold}" / "test" / "1" / "results.json"
+            _results(path, "CHAOST2", fold, 1, dict(zip(organs, values, strict=True)))
+        path = grid / "CMR_setting1" / "fold3" / "test" / "1" / "results.json"
+        _results(path, "CMR", 3, 1, {"LV-BP": 0.9, "LV-MYO": 0.6, "RV": 0.75})
+        return grid
+
+    def test_the_shipped_reference_has_empty_cells(self, tmp_path: Path, capsys):
+        grid = self._grid(tmp_path)
+        assert load_script("script/summarize.py").main([str(grid)]) == 0
+        out = capsys.readouterr().out
+        assert (
+            "| this grid (2 fold(s)) | 75.00 ± 5.00 | 70.00 ± 10.00 | 60.00 ± 10.00 | 60.00 ± 10.00 |" in out
+        )
+        assert "| DIFD | – | – | – | – | – |" in out and "| difference to DIFD | – | – | – | – | – |" in out
+        assert "doi:10.1109/TMI.2025.3546653" in out and "## CMR, setting 1" in out
+        assert (grid / "report.md").read_text() + f"\npicture: {grid / 'report.png'}\n" == out
+        rows = list(csv.DictReader(io.StringIO((grid / "report.csv").read_text())))
+        liver = next(r for r in rows if r["dataset"] == "CHAOST2" and r["class"] == "LIVER")
+        assert (liver["fold0"], liver["fold1"], liver["fold2"], liver["mean"]) == (
+            "80.000000",
+            "70.000000",
+            "",
+            "75.000000",
+        )
+        assert liver["method"] == "DIFD" and liver["reference"] == "" and liver["difference"] == ""
+        assert len(rows) == 5 + 4  # CHAOST2: 4 organs + mean; CMR: 3 + mean
+        assert (grid / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_a_filled_reference(self, tmp_path: Path, capsys):
+        grid = self._grid(tmp_path)
+        reference = tmp_path / "colleague.csv"
+        reference.write_text(
+            "method,dataset,setting,class,dice,source\n"
+            "colleague,CHAOST2,1,LIVER,71.5,run of 2026-11-30\n"
+            "colleague,CHAOST2,1,mean,,not computed\n"
+            "colleague,CMR,1,RV,80,run of 2026-11-30\n"
+        )
+        assert load_script("script/summarize.py").main([str(grid), "--reference", str(reference)]) == 0
+        out = capsys.readouterr().out
+        assert "| colleague | 71.50 | – | – | – | – |" in out
+        assert "| difference to colleague | +3.50 | – | – | – | – |" in out
+        assert "| difference to colleague | – | – | −5.00 | – |" in out  # CMR: LV-BP, LV-MYO, RV, mean
+        rows = list(csv.DictReader(io.StringIO((grid / "report.csv").read_text())))
+        rv = next(r for r in rows if r["class"] == "RV")
+        assert (rv["reference"], rv["difference"], rv["source"]) == (
+            "80.000000",
+            "-5.000000",
+            "run of 2026-11-30",
+        )
+
+    @pytest.mark.parametrize(
+        ("row", "message"),
+        [
+            (
+                "x,CHAOST2,1,KIDNEY,50,s",
+                r"line 2: class must be one of \['LIVER', 'RK', 'LK', 'SPLEEN', 'mean'\]",
+            ),
+            ("x,CHAOST2,3,LIVER,50,s", "line 2: setting must be 1 or 2"),
+            ("x,ABD,1,LIVER,50,s", "line 2: dataset must be one of"),
+            ("x,CHAOST2,1,LIVER,0.8x,s", r"line 2: dice must be empty or a number in \[0, 100\]"),
+            ("x,CHAOST2,1,LIVER,120,s", r"line 2: dice must be empty or a number in \[0, 100\]"),
+            ("x,CHAOST2,1,LIVER,50,s\nx,CHAOST2,1,LIVER,51,s", "line 3: x, CHAOST2, 1, LIVER is given twice"),
+        ],
+    )
+    def test_a_bad_reference_names_the_line(self, tmp_path: Path, row: str, message: str):
+        reference = tmp_path / "bad.csv"
+        reference.write_text("method,dataset,setting,class,dice,source\n" + row + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_script("script/summarize.py").main(
+                [str(self._grid(tmp_path)), "--reference", str(reference)]
+            )

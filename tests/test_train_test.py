@@ -151,7 +151,21 @@ def test_evaluation_outputs(reference_run: Path, mini_root: Path):
     assert picture is not None and picture.shape == (2 * gt.shape[1], 2 * gt.shape[2], 3)
 
 
-def test_interrupted_run_resumes_on_the_same_trajectory(reference_run: Path, mini_root: Path, tmp_path: Path):
+def _final_weights(fold_dir: Path) -> dict[str, torch.Tensor]:
+    return read_snapshot(fold_dir / "snapshots" / "4.pth")["model"]
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [(signal.SIGINT,), (signal.SIGTERM, signal.SIGTERM)],
+    ids=["ctrl-c", "sigterm-twice"],
+)
+def test_interrupted_run_resumes_on_the_same_trajectory(
+    reference_run: Path, mini_root: Path, tmp_path: Path, signals: tuple[signal.Signals, ...]
+):
+    """Ctrl-C, or SIGTERM (a scheduler's time limit or preemption; sent twice, as SLURM and the job's own
+    process both do, without turning into a kill): snapshot, stop, and a resume ends with the
+    uninterrupted run's weights, bit for bit."""
     common = _common(mini_root, tmp_path)
     fold_dir = tmp_path / "CHAOST2_setting1" / "fold1"
     command = [sys.executable, str(REPO / "train.py"), "with", "debug", *common]
@@ -163,9 +177,10 @@ def test_interrupted_run_resumes_on_the_same_trajectory(reference_run: Path, min
         assert process.poll() is None, f"training ended early:\n{process.stderr.read().decode()[-3000:]}"
         assert time.monotonic() < deadline, "no step-2 snapshot within 240 s"
         time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
+    for signum in signals:
+        process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == -signal.SIGINT, "the run should stop as an interrupted process"
+    assert process.returncode == -signals[0], "the run should end by the signal that stopped it"
     stopped_at = max(int(p.stem) for p in (fold_dir / "snapshots").glob("*.pth"))
     assert stopped_at < 4, f"the run finished before the interruption took effect:\n{stderr.decode()[-2000:]}"
     assert json.loads((fold_dir / "train" / "1" / "run.json").read_text())["status"] == "INTERRUPTED"
@@ -185,6 +200,9 @@ def test_interrupted_run_resumes_on_the_same_trajectory(reference_run: Path, min
                 step,
                 name,
             )
+    final, expected = _final_weights(fold_dir), _final_weights(reference_run)
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
 
 
 def test_validation_leaves_the_trajectory_unchanged(reference_run: Path, mini_root: Path, tmp_path: Path):
