@@ -40,10 +40,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-# The project in editable mode, built with the pinned setuptools of .venv (no download), once per .venv.
-if ! python -c 'import importlib.metadata as m; m.distribution("difd")' >/dev/null 2>&1; then
+# The project in editable mode, built with the pinned setuptools of .venv (no download). The editable
+# install maps the packages it found, so it is redone when pyproject.toml or the set of packages changes.
+project_stamp=.venv/.project.sha256
+project_want="$( (cat pyproject.toml; ls -d -- */__init__.py) | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$project_stamp" ] || [ "$(cat "$project_stamp")" != "$project_want" ] \
+    || ! python -c 'import importlib.metadata as m; m.distribution("difd")' >/dev/null 2>&1; then
     echo "[setup] installing the project in editable mode (pip install -e .)"
     python -m pip install --quiet --no-build-isolation --no-deps -e .
+    echo "$project_want" > "$project_stamp"
 fi
 
 if [ -f data/supervoxels/setup.py ]; then
