@@ -18,18 +18,21 @@ Shared steps, in the order the commands apply them:
 The inference presets (:mod:`inference.presets`) run the same steps on a user's scan, resampling in-plane
 only (:func:`inplane_grid`: the scan keeps its slices, which the 2-D model segments one by one).
 
-Plus the command-line pieces every command uses (:func:`build_parser`, :func:`select_ids`,
-:func:`require_dir`) and :func:`check_label_values`.
+Plus the command's body every command runs (:func:`run_command`: its command line, the case selection and
+the writing), the pieces it is made of (:func:`build_parser`, :func:`select_ids`), :func:`require_dir` and
+:func:`check_label_values`.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from dataloaders.datasets import get_dataset_info
 from dataloaders.volume import require_simpleitk
 
 sitk = require_simpleitk("data preprocessing (data/preprocessing.py)")
@@ -251,3 +254,31 @@ def write_case(
     sitk.WriteImage(sitk.Cast(image, image_pixel_type), str(image_path), useCompression=True)
     sitk.WriteImage(label, str(label_path), useCompression=True)
     return image_path, label_path
+
+
+def run_command(
+    argv: Sequence[str] | None,
+    dataset: str,
+    description: str,
+    input_help: str,
+    find_cases: Callable[[Path], Mapping[int, Any]],
+    preprocess_case: Callable[[Any], tuple[sitk.Image, sitk.Image]],
+    pixel_types: tuple[int, int] = (sitk.sitkFloat64, sitk.sitkFloat64),
+    describe: Callable[[Any], str] = lambda case: "",
+) -> list[Path]:
+    """The body of the three preprocessing commands: parse ``--input``/``--output``/``--ids``, find the raw
+    cases (``find_cases``: case id → what ``preprocess_case`` takes), preprocess each selected case and write
+    it into the dataset's normalised folder inside ``--output`` with ``pixel_types`` (image, label).
+
+    Returns the written paths (image, label, image, label, ...).
+    """
+    args = build_parser(description, input_help).parse_args(argv)
+    cases = find_cases(args.input)
+    folder = args.output / get_dataset_info(dataset).image_folder
+    written: list[Path] = []
+    for case_id in select_ids(cases, args.ids, args.input):
+        image, label = preprocess_case(cases[case_id])
+        written += write_case(image, label, folder, case_id, *pixel_types)
+        where = describe(cases[case_id])
+        print(f"{dataset} case {case_id}{where}: {image.GetSize()} -> {written[-2]}", flush=True)
+    return written

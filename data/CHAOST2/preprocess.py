@@ -37,15 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from data.preprocessing import (
-    build_parser,
     check_label_values,
     mr_image_steps,
     mr_label_steps,
     require_dir,
-    select_ids,
-    write_case,
+    run_command,
 )
-from dataloaders.datasets import get_dataset_info
 from dataloaders.nifti import read_image
 from dataloaders.volume import require_simpleitk
 
@@ -53,8 +50,6 @@ sitk = require_simpleitk("data/CHAOST2/preprocess.py")
 
 #: Target spacing (x, y, z) in mm.
 SPACING = (1.25, 1.25, 7.70)
-#: Folder the loaders read, inside ``--output`` (from the dataset table).
-OUTPUT_FOLDER = get_dataset_info("CHAOST2").image_folder
 #: Ground-truth PNG grey value -> class id (background, liver, right kidney, left kidney, spleen).
 GREY_TO_CLASS = {0: 0, 63: 1, 126: 2, 189: 3, 252: 4}
 #: Largest tolerated deviation of a slice gap from the median gap, relative to the median.
@@ -198,15 +193,14 @@ def preprocess_case(t2spir_dir: Path) -> tuple[sitk.Image, sitk.Image]:
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Run the command; returns the written paths (image, label, image, label, ...)."""
-    parser = build_parser(__doc__.splitlines()[0], "CHAOS folder holding MR/<id>/T2SPIR (or the MR folder)")
-    args = parser.parse_args(argv)
-    cases = find_cases(args.input)
-    written: list[Path] = []
-    for case_id in select_ids(cases, args.ids, args.input):
-        image, label = preprocess_case(cases[case_id])
-        written += write_case(image, label, args.output / OUTPUT_FOLDER, case_id)
-        print(f"CHAOST2 case {case_id}: {image.GetSize()} -> {written[-2]}", flush=True)
-    return written
+    return run_command(
+        argv,
+        "CHAOST2",
+        __doc__.splitlines()[0],
+        "CHAOS folder holding MR/<id>/T2SPIR (or the MR folder)",
+        find_cases,
+        preprocess_case,
+    )
 
 
 if __name__ == "__main__":

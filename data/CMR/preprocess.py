@@ -32,13 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from data.preprocessing import (
-    build_parser,
     check_label_values,
     mr_image_steps,
     mr_label_steps,
     require_dir,
-    select_ids,
-    write_case,
+    run_command,
 )
 from dataloaders.datasets import get_dataset_info
 from dataloaders.nifti import read_image
@@ -48,8 +46,6 @@ sitk = require_simpleitk("data/CMR/preprocess.py")
 
 #: Target spacing (x, y, z) in mm.
 SPACING = (1.25, 1.25, 7.99)
-#: Folder the loaders read, inside ``--output`` (from the dataset table).
-OUTPUT_FOLDER = get_dataset_info("CMR").image_folder
 #: MS-CMRSeg label values -> class ids (LV myocardium, LV blood pool, RV blood pool).
 LABEL_MAP = dict(get_dataset_info("CMR").label_remap)
 
@@ -121,15 +117,14 @@ def preprocess_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sit
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Run the command; returns the written paths (image, label, image, label, ...)."""
-    parser = build_parser(__doc__.splitlines()[0], "folder holding patient<N>_C0[_manual].nii.gz")
-    args = parser.parse_args(argv)
-    cases = find_cases(args.input)
-    written: list[Path] = []
-    for case_id in select_ids(cases, args.ids, args.input):
-        image, label = preprocess_case(*cases[case_id])
-        written += write_case(image, label, args.output / OUTPUT_FOLDER, case_id)
-        print(f"CMR case {case_id}: {image.GetSize()} -> {written[-2]}", flush=True)
-    return written
+    return run_command(
+        argv,
+        "CMR",
+        __doc__.splitlines()[0],
+        "folder holding patient<N>_C0[_manual].nii.gz",
+        find_cases,
+        lambda paths: preprocess_case(*paths),
+    )
 
 
 if __name__ == "__main__":

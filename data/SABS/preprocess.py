@@ -33,14 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from data.preprocessing import (
-    build_parser,
     check_label_values,
     crop_or_pad_inplane,
     require_dir,
     resample_image,
     resample_label,
-    select_ids,
-    write_case,
+    run_command,
 )
 from dataloaders.datasets import get_dataset_info
 from dataloaders.nifti import read_image
@@ -54,8 +52,6 @@ HU_WINDOW = (-125.0, 275.0)
 BORDER = 32
 #: In-plane spacing factor (512 - 2 * 32) / 256.
 SPACING_FACTOR = 1.75
-#: Folder the loaders read, inside ``--output`` (from the dataset table).
-OUTPUT_FOLDER = get_dataset_info("SABS").image_folder
 #: Allowed label values (background and 13 organs).
 LABEL_VALUES = frozenset({0, *get_dataset_info("SABS").label_names})
 
@@ -134,21 +130,16 @@ def preprocess_case(image_path: Path, label_path: Path) -> tuple[sitk.Image, sit
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Run the command; returns the written paths (image, label, image, label, ...)."""
-    parser = build_parser(
-        __doc__.splitlines()[0], "folder holding img/img<NNNN>.nii.gz and label/label<NNNN>.nii.gz"
+    return run_command(
+        argv,
+        "SABS",
+        __doc__.splitlines()[0],
+        "folder holding img/img<NNNN>.nii.gz and label/label<NNNN>.nii.gz",
+        lambda root: dict(enumerate(find_cases(root))),
+        lambda paths: preprocess_case(*paths),
+        (sitk.sitkFloat32, sitk.sitkFloat32),
+        lambda paths: f" ({paths[0].name})",
     )
-    args = parser.parse_args(argv)
-    cases = find_cases(args.input)
-    written: list[Path] = []
-    for case_id in select_ids(range(len(cases)), args.ids, args.input):
-        image, label = preprocess_case(*cases[case_id])
-        written += write_case(
-            image, label, args.output / OUTPUT_FOLDER, case_id, sitk.sitkFloat32, sitk.sitkFloat32
-        )
-        print(
-            f"SABS case {case_id} ({cases[case_id][0].name}): {image.GetSize()} -> {written[-2]}", flush=True
-        )
-    return written
 
 
 if __name__ == "__main__":
