@@ -1,7 +1,8 @@
-"""Seeding, device resolution and data-root precedence (utils.py)."""
+"""Seeding, device resolution, data-root precedence and the atomic write (utils.py)."""
 
 from __future__ import annotations
 
+import errno
 import random
 
 import numpy as np
@@ -86,3 +87,58 @@ def test_data_root_missing_paths_are_errors(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "also_nope"))
     with pytest.raises(FileNotFoundError, match=DATA_ROOT_ENV):
         resolve_data_root(None)
+
+
+def test_write_atomically_replaces_a_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "table.csv"
+    target.write_text("old")
+    assert utils.write_atomically(target, lambda tmp: tmp.write_text("new")) == target
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+
+
+def test_write_atomically_failure_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+    target = tmp_path / "table.csv"
+    target.write_text("old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise ValueError("writer broke")
+
+    with pytest.raises(ValueError, match="writer broke"):
+        utils.write_atomically(target, half_then_fail)
+
+    def refuse(tmp):
+        raise ValueError(f"bad content in {tmp.name}")
+
+    with pytest.raises(ValueError, match="bad content"):
+        utils.write_atomically(target, lambda tmp: tmp.write_text("unchecked"), verify=refuse)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+
+
+def test_write_atomically_names_what_failed_to_be_written(tmp_path):
+    target = tmp_path / "picture.png"
+
+    def disk_full(tmp):
+        tmp.write_bytes(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"cannot write picture .*picture\.png: No space left") as caught:
+        utils.write_atomically(target, disk_full, what="picture")
+    assert caught.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomically_replaces_a_folder(tmp_path):
+    target = tmp_path / "overlays"
+    target.mkdir()
+    (target / "stale.png").write_bytes(b"old")
+
+    def make_folder(tmp):
+        tmp.mkdir()
+        (tmp / "slice3.png").write_bytes(b"new")
+
+    utils.write_atomically(target, make_folder)
+    assert [p.name for p in target.iterdir()] == ["slice3.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overlays"]
