@@ -30,6 +30,8 @@ Metrics = dict[str, dict[str, list]]
 VAL_PREFIX = "val_dice_"
 #: The label-free validation's scores (fractions): the AUC of p_fg, the Dice of p_fg > 0.5.
 LABEL_FREE_METRICS = ("lf_auc", "lf_dice")
+#: Their column names in the tables (``plot_run.py --table``, ``summarize.py``).
+LABEL_FREE_COLUMNS = dict(zip(LABEL_FREE_METRICS, ("lf AUC", "lf Dice"), strict=True))
 
 
 def missing_matplotlib() -> str | None:
@@ -91,8 +93,7 @@ def validation_table(metrics: Metrics) -> str:
     points = {n: dict(zip(metrics[n]["steps"], metrics[n]["values"], strict=True)) for n in columns}
     total = metrics.get("total", {"steps": [], "values": []})
     smoothed = list(zip(total["steps"], smooth(total["values"]), strict=True))
-    names = {"lf_auc": "lf AUC", "lf_dice": "lf Dice"}
-    header = ["step", *(names.get(name, name[len(VAL_PREFIX) :]) for name in columns), "loss"]
+    header = ["step", *(LABEL_FREE_COLUMNS.get(name, name[len(VAL_PREFIX) :]) for name in columns), "loss"]
     lines = ["  ".join(f"{h:>8}" for h in header)]
     for step in sorted(set().union(*points.values())):
         cells = [f"{step:>8}"]

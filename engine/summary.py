@@ -29,12 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from engine.progress import LABEL_FREE_COLUMNS, VAL_PREFIX
+
 #: Sacred's status of a run that ended normally.
 COMPLETED = "COMPLETED"
-#: Prefix of the validation metrics train.py logs.
-VAL_PREFIX = "val_dice_"
-#: The label-free validation's metrics (engine.progress.LABEL_FREE_METRICS) and their column names.
-LABEL_FREE = {"lf_auc": "lf AUC", "lf_dice": "lf Dice"}
 FLAG = "⚠"
 
 
@@ -120,11 +118,11 @@ def final_validations(directory: Path) -> dict[int, dict[str, Any]]:
         metrics = _read_json(metrics_file) or {}
         config = _read_json(metrics_file.parent / "config.json") or {}
         series = {
-            LABEL_FREE.get(name, name[len(VAL_PREFIX) :]): dict(
+            LABEL_FREE_COLUMNS.get(name, name[len(VAL_PREFIX) :]): dict(
                 zip(value["steps"], value["values"], strict=True)
             )
             for name, value in metrics.items()
-            if (name.startswith(VAL_PREFIX) or name in LABEL_FREE) and value.get("steps")
+            if (name.startswith(VAL_PREFIX) or name in LABEL_FREE_COLUMNS) and value.get("steps")
         }
         if not series or "eval_fold" not in config:
             continue
@@ -213,9 +211,9 @@ def validation_rows(
         names += [name for name in validations.get(fold, {}).get("dice", {}) if name not in names]
     if not names:
         return [], [[] for _ in range(len(folds) + 2)]
-    label_free = list(LABEL_FREE.values())
+    label_free = list(LABEL_FREE_COLUMNS.values())
     names.sort(key=lambda name: (name not in label_free, name == "mean"))  # label-free first, the mean last
-    scale = {name: 1.0 if name == LABEL_FREE["lf_auc"] else 100.0 for name in names}
+    scale = {name: 1.0 if name == LABEL_FREE_COLUMNS["lf_auc"] else 100.0 for name in names}
     rows: list[list[float | None]] = []
     for fold in folds:
         found = validations.get(fold, {"dice": {}, "step": None})
