@@ -1,4 +1,5 @@
-"""Segment your own scans with a trained DIFD model, from one labelled support scan.
+"""Segment your own scans with a trained model (DIFD or another method of docs/methods.md), from one labelled
+support scan.
 
 Example (the shared CHAOST2 copy; liver and spleen of case 1 segmented in cases 2 and 3)::
 
@@ -41,6 +42,7 @@ from inference.scans import (
     scan_name,
 )
 from inference.segmenter import Segmenter
+from models import load_plugins
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -56,9 +58,24 @@ def parse_range(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Segment organs in scans with a trained DIFD model, from one labelled support scan.",
+        description="Segment organs in scans with a trained few-shot model, from one labelled support scan.",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="DIFD snapshot or official state dict")
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="a snapshot of this project or an official state dict"
+    )
+    parser.add_argument(
+        "--method",
+        default=None,
+        help="the method the checkpoint holds (default: the one a snapshot records, or the one whose "
+        "network an official state dict is); a checkpoint of another method is refused",
+    )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="a module or .py file that registers a method of your own (docs/methods.md); repeatable",
+    )
     parser.add_argument(
         "--support-image", required=True, type=Path, help="support scan (file or DICOM folder)"
     )
@@ -154,9 +171,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         directions[query] = scan.geometry.direction
 
     clock = time.perf_counter()
+    load_plugins(args.plugin)
     segmenter = Segmenter.from_checkpoint(
         args.checkpoint,
         preset=args.preset,
+        method=args.method,
         device=args.device,
         precision=args.precision,
         batch_size=args.batch_size,

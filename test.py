@@ -1,9 +1,10 @@
-"""Evaluation of a trained DIFD model on one fold (method.md §5; protocol of Ouyang et al.).
+"""Evaluation of a trained model of any method on one fold (method.md §5; protocol of Ouyang et al.).
 
 Examples::
 
     python test.py with abd_mri setting1 official_script eval_fold=0            # newest snapshot of the run
     python test.py with abd_mri eval_fold=0 reload_model_path=/path/to/40000.pth  # ours or official layout
+    python test.py with abd_mri method=qnet eval_fold=0 reload_model_path=qnet.pth  # an official Q-Net file
 
 For each class of ``test_label``: the support volume is the ``supp_idx``-th of the fold, the others are
 queries; each query chunk is predicted in one batched forward, Dice and IoU are computed per query volume
@@ -41,7 +42,7 @@ from dataloaders import TestDataset, get_dataset_info
 from dataloaders.test_dataset import check_fold_classes
 from engine.evaluation import evaluate_class, save_overlay, save_prediction_nifti
 from engine.runtime import apply_memory_format
-from models import load_difd, read_model_checkpoint
+from models import get_method, load_model, read_model_checkpoint
 from utils import resolve_data_root, resolve_device, set_seed, write_atomically
 
 #: Subfolders of the run folder that hold per-volume outputs (removed again when the run fails).
@@ -103,17 +104,14 @@ def test(_run, _log, _config) -> float:
         _log.warning(f"cross-evaluation (allow_cross_eval=True): {crossed}")
     check_fold_classes(info, root, cfg["eval_fold"], labels, cfg["supp_idx"])
 
-    model, _ = load_difd(
-        weights,
-        decoder_extra_maps=cfg["decoder_extra_maps"],
-        region_sampling=cfg["region_sampling"],
-        multi_shot=cfg["multi_shot"],
-    )
+    # The method the config names: a snapshot of another method, or another method's weights, is refused.
+    model, _ = load_model(weights, cfg["method"], get_method(cfg["method"]).options_of(cfg))
     apply_memory_format(model.to(torch_device), cfg["channels_last"]).eval()
     out_dir = output_dir(_run, cfg, "test")
     _log.info(f"checkpoint {checkpoint}; device {torch_device}; outputs in {out_dir}")
 
     results: dict[str, Any] = {
+        "method": cfg["method"],
         "dataset": cfg["dataset"],
         "eval_fold": cfg["eval_fold"],
         "supp_idx": cfg["supp_idx"],

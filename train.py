@@ -1,4 +1,5 @@
-"""Self-supervised episodic training of DIFD (method.md §3 and §4.7).
+"""Self-supervised episodic training of a few-shot method (DIFD by default; method.md §3 and §4.7; the
+methods and their interface: docs/methods.md).
 
 Examples::
 
@@ -6,11 +7,13 @@ Examples::
     python train.py with abd_mri setting1 official_script eval_fold=0 resume=True   # after an interruption
     python train.py with debug                                                       # a few CPU steps
     python train.py with debug validate_every=2                                      # ... with validation
+    python train.py with abd_mri method=qnet official_script eval_fold=0              # another method
 
 Phases (so that a bad configuration fails before any training step): every config value and the files the
-run needs are checked in the config hook (config.py) before Sacred makes the run folder; :func:`set_up`
+run needs are checked in the config hook (config/) before Sacred makes the run folder; :func:`set_up`
 resolves the device once, seeds every generator, reads every training volume (TrainDataset) and the
-validation volumes, builds the model, optimiser (SGD) and MultiStepLR; :func:`resume` loads the newest
+validation volumes, builds the chosen method's network and loss (``models.get_method(method)``: the method's
+own keys come with it), the optimiser (SGD) and MultiStepLR; :func:`resume` loads the newest
 snapshot when asked; then the loop. The loss terms are accumulated on the device and synchronised only
 every ``print_interval`` steps, when they and the learning rate are logged to Sacred (``metrics.json``), to
 the log and to the progress bar (:class:`engine.monitor.Monitor`).
@@ -97,7 +100,7 @@ from engine.runtime import (
     wrap_distributed,
 )
 from engine.snapshots import latest_snapshot, load_resume_snapshot, restore_training_state, save_snapshot
-from models import DIFDLoss, build_difd
+from models import Method, get_method
 from utils import capture_rng_state, remove_stale_temporaries, resolve_data_root, resolve_device, set_seed
 
 
@@ -193,10 +196,11 @@ class Job:
     train_set: TrainDataset
     val_sets: dict[str, TestDataset] | None  # rank 0 with validate_every > 0 and validate_cases > 0
     label_free: LabelFreeEpisodes | None  # rank 0 with validate_every > 0 and label_free_episodes > 0
+    method: Method
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.MultiStepLR
-    loss_fn: DIFDLoss
+    loss_fn: nn.Module
     snapshot_dir: Path
 
 
@@ -241,13 +245,12 @@ def set_up(cfg: dict[str, Any], _log) -> Job:
         label_free = label_free_set(cfg, root, _log)
         val_sets = validation_sets(cfg, root, _log)
 
-    model = build_difd(
-        pretrained_weights=cfg["pretrained_weights"],
-        pretrained_path=None if weights_file is None else str(weights_file),
-        decoder_extra_maps=cfg["decoder_extra_maps"],
-        region_sampling=cfg["region_sampling"],
-        multi_shot=cfg["multi_shot"],
-    ).to(device)
+    method = get_method(cfg["method"])
+    options = method.options_of(cfg)
+    model = method.build(
+        options, cfg["pretrained_weights"], None if weights_file is None else str(weights_file)
+    )
+    model = model.to(device)
     apply_memory_format(model, cfg["channels_last"])
     model.train()
     seed_ranks(cfg["seed"], dist_context, cfg["deterministic"])
@@ -266,10 +269,11 @@ def set_up(cfg: dict[str, Any], _log) -> Job:
         train_set,
         val_sets,
         label_free,
+        method,
         model,
         optimizer,
         scheduler,
-        DIFDLoss(**cfg["loss_weights"]),
+        method.loss(cfg["loss_weights"], options).to(device),
         folder / "snapshots",
     )
 
@@ -381,10 +385,11 @@ def train_fold(_run, _log, cfg: dict[str, Any], stop: StopRequest) -> str:
         job.val_sets,
         job.label_free,
         picture=output_dir(_run, cfg, "train") / "progress.png",
-        title=f"{cfg['dataset']} setting {cfg['setting']} fold {cfg['eval_fold']}",
-        bar_label=f"{cfg['dataset']} fold {cfg['eval_fold']}",
+        title=f"{job.method.title} {cfg['dataset']} setting {cfg['setting']} fold {cfg['eval_fold']}",
+        bar_label=f"{job.method.name} {cfg['dataset']} fold {cfg['eval_fold']}",
         n_steps=n_steps,
         start_step=start_step,
+        loss_terms=job.method.loss_terms,
     )
     stop.catch_interrupt()
     try:
@@ -394,7 +399,9 @@ def train_fold(_run, _log, cfg: dict[str, Any], stop: StopRequest) -> str:
         if cfg["validate_every"] and start_step == 0:  # where the curves start: the untrained model
             monitor.validate(0, unwrap(model), cfg["precision"])
         for step, batch in enumerate(episode_loader(job, cfg, start_step), start=start_step + 1):
-            losses = training_step(model, job.loss_fn, job.optimizer, batch, job.device, cfg["precision"])
+            losses = training_step(
+                model, job.loss_fn, job.optimizer, batch, job.device, cfg["precision"], job.method.loss_terms
+            )
             monitor.add(losses, lr=job.optimizer.param_groups[0]["lr"])
             job.scheduler.step()
             stopping = stop.requested and not job.dist.enabled  # under torchrun the ranks agree when logging

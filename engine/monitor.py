@@ -26,7 +26,7 @@ from dataloaders import TestDataset
 from engine.evaluation import validate
 from engine.label_free import LabelFreeEpisodes, label_free_scores
 from engine.progress import draw_progress, missing_matplotlib
-from engine.runtime import LOSS_TERMS, DistributedContext
+from engine.runtime import DistributedContext
 
 #: Environment variable naming submitit's warning signal (submitit 1.5 reads the same one; USR2 by default).
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
@@ -113,15 +113,18 @@ class Monitor:
         bar_label: str,
         n_steps: int,
         start_step: int,
+        loss_terms: tuple[str, ...],
     ) -> None:
-        """``val_sets``: the validation's test sets by class name (None or empty: no organ validation on this
+        """``loss_terms``: the names of the method's logged loss terms (``total`` last); ``val_sets``: the
+        validation's test sets by class name (None or empty: no organ validation on this
         rank); ``label_free``: the label-free validation's episodes (None: none on this rank);
         ``picture``: where ``progress.png`` goes, ``title`` its title; ``bar_label``: the progress bar's."""
         self.run, self.logger, self.context = _run, _log, context
         self.device, self.val_sets, self.label_free = device, val_sets, label_free
         self.main = context.is_main
+        self.loss_terms = loss_terms
         # Loss sums, then one slot that counts the ranks asking to stop (summed over ranks when logging).
-        self.running = torch.zeros(len(LOSS_TERMS) + 1, device=device)
+        self.running = torch.zeros(len(loss_terms) + 1, device=device)
         self.n_running = 0
         self.lr = float("nan")
         self.history: dict[str, dict[str, list]] = {}  # metrics.json's layout, for progress.png
@@ -140,7 +143,8 @@ class Monitor:
         )
 
     def add(self, losses: torch.Tensor, lr: float) -> None:
-        """Accumulate one step's detached loss terms ``(5,)`` (no sync) and the learning rate it used."""
+        """Accumulate one step's detached loss terms ``(len(loss_terms),)`` (no sync) and the learning rate
+        it used."""
         self.running[:-1] += losses
         self.n_running += 1
         self.lr = lr
@@ -164,12 +168,16 @@ class Monitor:
         self.running.zero_()
         self.n_running = 0
         if self.main:
-            for name, value in zip(LOSS_TERMS, means, strict=True):
+            for name, value in zip(self.loss_terms, means, strict=True):
                 self._record(name, value, step)
             self._record("lr", self.lr, step)
-            self.postfix.update({name: f"{value:.4f}" for name, value in zip(LOSS_TERMS, means, strict=True)})
+            self.postfix.update(
+                {name: f"{value:.4f}" for name, value in zip(self.loss_terms, means, strict=True)}
+            )
             self.progress.set_postfix(self.postfix)
-            terms = ", ".join(f"{name} {value:.5f}" for name, value in zip(LOSS_TERMS, means, strict=True))
+            terms = ", ".join(
+                f"{name} {value:.5f}" for name, value in zip(self.loss_terms, means, strict=True)
+            )
             self.logger.info(f"step {step}: {terms}, lr {self.lr:.3g}")
         return n_stop > 0
 

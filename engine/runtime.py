@@ -30,20 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models import DIFDLoss, DIFDOutput
 from utils import set_seed
 
 logger = logging.getLogger(__name__)
 
-#: Loss terms of DIFDLoss, in the order they are logged.
-LOSS_TERMS = ("query_nll", "query_boundary", "align_nll", "align_boundary", "total")
 PRECISIONS = ("fp32", "bf16")
 SGD_IMPLS = (None, "foreach", "fused")
-
-#: Parameters the forward never uses: ``encoder.reduce2`` (2048 → 512 on layer4) is kept only so that
-#: official checkpoints load (the official code computes and discards it). They never receive a gradient,
-#: so SGD never changes them; :func:`freeze_unused_parameters` marks them ``requires_grad=False``.
-UNUSED_PARAMETERS = ("encoder.reduce2.weight",)
 
 
 def check_precision(precision: str) -> str:
@@ -114,16 +106,18 @@ def build_sgd(
 
 def training_step(
     model: nn.Module,
-    loss_fn: DIFDLoss,
+    loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
     device: torch.device,
     precision: str = "fp32",
+    terms: tuple[str, ...] = (),
 ) -> torch.Tensor:
-    """One optimisation step on a batch of episodes; returns the detached loss terms ``(5,)`` on the device.
+    """One optimisation step on a batch of episodes; returns the detached loss ``terms`` (the method's
+    ``loss_terms``, ``total`` last) stacked, ``(len(terms),)`` on the device.
 
-    The forward runs under :func:`runtime.autocast`; the probabilities are cast to float32 for the losses
-    (their clamped logs and boundary sums need float32). This function adds no host synchronisation.
+    The forward runs under :func:`runtime.autocast`; the output is cast to float32 for the losses (their
+    clamped logs and boundary sums need float32). This function adds no host synchronisation.
     """
     supp_imgs = batch["supp_imgs"].to(device, non_blocking=True)
     supp_masks = batch["supp_masks"].to(device, non_blocking=True)
@@ -132,20 +126,17 @@ def training_step(
     with autocast(device, precision):
         out = model(supp_imgs, supp_masks, qry_imgs)
     if precision != "fp32":
-        out = DIFDOutput(
-            out.query_probs.float(),
-            None if out.support_probs is None else out.support_probs.float(),
-            out.align_valid,
-        )
-    terms = loss_fn(out, qry_labels, supp_masks)
+        out = out.float()
+    losses = loss_fn(out, qry_labels, supp_masks)
     optimizer.zero_grad(set_to_none=True)
-    terms["total"].backward()
+    losses["total"].backward()
     optimizer.step()
-    return torch.stack([terms[name].detach() for name in LOSS_TERMS])
+    return torch.stack([losses[name].detach() for name in terms or tuple(losses)])
 
 
 def freeze_unused_parameters(model: nn.Module) -> list[str]:
-    """Set ``requires_grad=False`` on the :data:`UNUSED_PARAMETERS` the model has; returns their names.
+    """Set ``requires_grad=False`` on the parameters the model lists as ``unused_parameters`` (kept only so
+    that official checkpoints load; they never receive a gradient); returns their names.
 
     Numerically a no-op (those parameters never get a gradient, so SGD skips them, weight decay included),
     but ``DistributedDataParallel`` then leaves them out of its gradient buckets instead of waiting for
@@ -154,7 +145,7 @@ def freeze_unused_parameters(model: nn.Module) -> list[str]:
     """
     frozen = []
     for name, param in model.named_parameters():
-        if name in UNUSED_PARAMETERS:
+        if name in getattr(model, "unused_parameters", ()):
             param.requires_grad_(False)
             frozen.append(name)
     return frozen

@@ -3,7 +3,8 @@
 Per organ, as the evaluation protocol of method.md §5 but without the query's ground truth:
 
 * **support**: ``n_part`` slices at the protocol's positions among the support's labelled slices
-  (:func:`~dataloaders.test_dataset.support_slice_indices`), encoded once (:meth:`DIFD.encode_support`) and
+  (:func:`~dataloaders.test_dataset.support_slice_indices`), encoded once (the method's ``encode_support``)
+  and
   reused for every query slice and every query (:func:`encode_support`);
 * **placement**: the query's slices through the organ are split into ``n_part`` chunks
   (:func:`~dataloaders.test_dataset.chunk_bounds`), chunk ``k`` segmented with support slice ``k``. The
@@ -28,7 +29,6 @@ import torch
 from dataloaders import chunk_bounds, support_slice_indices
 from engine.runtime import autocast
 from inference.frames import ModelFrame, masks_at_size
-from models import DIFD, EncodedSupport
 
 #: The organ is found in a query when the first pass predicts, on some slice, at least this fraction of the
 #: smallest support-mask area (at the model size).
@@ -38,9 +38,11 @@ DEFAULT_BATCH_SIZE = 8
 
 @dataclass
 class ModelRunner:
-    """The model calls of inference: a DIFD model (eval mode, on ``device``) with its run settings."""
+    """The model calls of inference: a method's network (eval mode, on ``device``; the calls of
+    :mod:`models.methods`) with its run settings. Query encodings are tuples of tensors with the slices on
+    dimension 0; support encodings are whatever the method's ``encode_support`` returns."""
 
-    model: DIFD
+    model: torch.nn.Module
     device: torch.device
     precision: str
     channels_last: bool
@@ -56,33 +58,28 @@ class ModelRunner:
             memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
         )
 
-    def encode_slices(self, slices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder features and thresholds of ``(N, s, s)`` slices, in batches: ``(N, C, h, w)``, ``(N,)``."""
-        feats, thresholds = [], []
+    def encode_slices(self, slices: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """The method's query encoding of ``(N, s, s)`` slices, in batches: tensors ``(N, ...)``."""
+        parts = []
         with torch.inference_mode():
             for batch in self._batches(len(slices)):  # bounded memory: batch_size slices per forward
                 with autocast(self.device, self.precision):
-                    f, t = self.model.encode_queries(self.images(slices[batch]))
-                feats.append(f)
-                thresholds.append(t)
-        return torch.cat(feats), torch.cat(thresholds)
+                    parts.append(tuple(self.model.encode_queries(self.images(slices[batch]))))
+        return tuple(torch.cat(tensors) for tensors in zip(*parts, strict=True))
 
-    def predict(self, support: EncodedSupport, feats: torch.Tensor, thresholds: torch.Tensor) -> np.ndarray:
-        """Foreground probabilities of encoded query slices against one support episode, in batches.
-
-        Shape: ``(N, C, h, w)``, ``(N,)`` → ``(N, s, s)`` float32 on the host.
+    def predict(self, support: Any, queries: tuple[torch.Tensor, ...]) -> np.ndarray:
+        """Foreground probabilities of encoded query slices (``queries``: tensors ``(N, ...)``) against one
+        support episode, in batches. Shape: → ``(N, s, s)`` float32 on the host.
         """
         out = []
         with torch.inference_mode():
-            for batch in self._batches(len(feats)):
+            for batch in self._batches(len(queries[0])):
                 with autocast(self.device, self.precision):
-                    probs = self.model.segment_encoded(
-                        support, feats[batch].unsqueeze(0), thresholds[batch].unsqueeze(0)
-                    )
+                    probs = self.model.segment_encoded(support, *(q[batch].unsqueeze(0) for q in queries))
                 out.append(probs[0, :, 1].float().cpu())
         return torch.cat(out).numpy()
 
-    def encode_support(self, slices: np.ndarray, masks: np.ndarray) -> EncodedSupport:
+    def encode_support(self, slices: np.ndarray, masks: np.ndarray) -> Any:
         """``n`` support slices ``(n, s, s)`` with their masks ``(n, s, s)`` as ``n`` one-shot episodes."""
         with torch.inference_mode(), autocast(self.device, self.precision):
             return self.model.encode_support(
@@ -115,7 +112,7 @@ class SupportOrgan:
     slices: list[int]
     source_slices: list[int]
     min_area: float
-    encoded: EncodedSupport
+    encoded: Any
 
 
 @dataclass
@@ -188,7 +185,7 @@ def predict_organs(
     given = None if query_range is None else frame.model_range(query_range)
     first, last = given if given is not None else (0, len(frame.slices))
     clock = time.perf_counter()
-    feats, thresholds = runner.encode_slices(frame.slices[first:last])  # once for every organ and pass
+    queries = runner.encode_slices(frame.slices[first:last])  # once for every organ and pass
     timings["encode"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -198,7 +195,7 @@ def predict_organs(
         probs = np.zeros(frame.slices.shape, dtype=np.float32)
         first_pass = None
         if given is None:
-            first_pass = runner.predict(organ.encoded.episode(mid), feats, thresholds)
+            first_pass = runner.predict(organ.encoded.episode(mid), queries)
             found = (first_pass > 0.5).sum(axis=(1, 2)).max() >= PRESENCE_FRACTION * organ.min_area
             length = round(organ.length_mm / frame.geometry.spacing[2])
             extent = estimate_extent(first_pass.sum(axis=(1, 2)), length) if found else None
@@ -214,7 +211,7 @@ def predict_organs(
                     probs[first + a : first + b] = first_pass[a:b]
                 else:
                     probs[first + a : first + b] = runner.predict(
-                        organ.encoded.episode(k), feats[a:b], thresholds[a:b]
+                        organ.encoded.episode(k), tuple(q[a:b] for q in queries)
                     )
                 chunks.append((organ.source_slices[k], first + a, first + b))
         organ_probs[value] = probs

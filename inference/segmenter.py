@@ -1,4 +1,4 @@
-"""Apply a trained DIFD model to a user's own scans: one labelled support, any number of queries.
+"""Apply a trained model (of any method) to a user's own scans: one labelled support, any number of queries.
 
 :class:`Segmenter` holds the model, its preset (:mod:`inference.presets`) and the run settings. A query goes
 through the four stages once each (:meth:`Segmenter.segment_volume`)::
@@ -33,26 +33,30 @@ from engine.runtime import apply_memory_format, check_precision
 from inference.label_maps import Segmentation
 from inference.prediction import DEFAULT_BATCH_SIZE, ModelRunner, PreparedSupport
 from inference.presets import DATASET_PRESETS, Preset, get_preset, sitk
-from models import DIFD, load_difd
+from models import load_model
 from utils import resolve_device
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a checkpoint says about itself: path, SHA-256, and for our snapshots their step and config."""
+    """What a checkpoint says about itself: path, SHA-256, the method and its options the model was built
+    with, and for our snapshots their step and config."""
 
     path: Path
     sha256: str
     config: dict[str, Any] | None
     step: int | None
-    decoder_extra_maps: bool
+    method: str
+    options: dict[str, Any]
 
     def report(self) -> dict[str, Any]:
-        keys = ("dataset", "image_size", "eval_fold", "setting", "use_gt", "decoder_extra_maps")
+        keys = ("dataset", "image_size", "eval_fold", "setting", "use_gt")
         return {
             "path": str(self.path),
             "sha256": self.sha256,
             "step": self.step,
+            "method": self.method,
+            "options": self.options,
             "config": None if self.config is None else {k: self.config.get(k) for k in keys},
         }
 
@@ -66,10 +70,11 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 class Segmenter:
-    """A DIFD model ready for inference on a preset's kind of scan.
+    """A model ready for inference on a preset's kind of scan.
 
     Args:
-        model: the DIFD model (weights loaded); moved to ``device`` and put in ``eval()`` mode.
+        model: the network of a registered method (weights loaded; :mod:`models.methods` says what it
+            provides); moved to ``device`` and put in ``eval()`` mode.
         preset: a :class:`~inference.presets.Preset` or its name.
         image_size: the working slice size (the checkpoint's ``image_size``; None: the preset's crop size).
         device: a ``torch.device`` or name (``'auto'``, ``'cpu'``, ``'cuda'``).
@@ -82,7 +87,7 @@ class Segmenter:
 
     def __init__(
         self,
-        model: DIFD,
+        model: torch.nn.Module,
         preset: str | Preset,
         image_size: int | None = None,
         device: str | torch.device = "auto",
@@ -117,16 +122,19 @@ class Segmenter:
     model = property(lambda self: self.runner.model)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, preset: str | None = None, **options: Any) -> Segmenter:
-        """Build and load the model a checkpoint holds (:func:`models.load_difd`: the architecture is read
-        off the weights, which must agree with the config a snapshot records).
+    def from_checkpoint(
+        cls, path: str | os.PathLike, preset: str | None = None, method: str | None = None, **options: Any
+    ) -> Segmenter:
+        """Build and load the model a checkpoint holds (:func:`models.load_model`: the method a snapshot
+        records, or the one whose network a plain state dict is; ``method`` names it, and must then agree;
+        the architecture is read off the weights, which must agree with the config a snapshot records).
 
         ``preset`` defaults to the dataset the snapshot records; an official state dict records none, so it
         needs one. The working size is the snapshot's ``image_size``. ``options``: the other arguments of
         :class:`Segmenter`.
         """
         path = Path(path)
-        model, checkpoint = load_difd(path)
+        model, checkpoint = load_model(path, method)
         config = checkpoint.config or {}
         if preset is None:
             if config.get("dataset") not in DATASET_PRESETS:
@@ -142,8 +150,14 @@ class Segmenter:
                 "like the model's training data",
                 stacklevel=2,
             )
-        extra_maps = model.deployment.extra_maps
-        info = CheckpointInfo(path, sha256_of(path), checkpoint.config, checkpoint.step, extra_maps)
+        info = CheckpointInfo(
+            path,
+            sha256_of(path),
+            checkpoint.config,
+            checkpoint.step,
+            checkpoint.built_method,
+            checkpoint.built_options,
+        )
         return cls(model, preset, image_size=config.get("image_size"), checkpoint=info, **options)
 
     def prepare_support(

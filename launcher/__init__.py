@@ -4,6 +4,6 @@ submitit (:mod:`launcher.clusters`), the checks before anything is submitted (:m
 time and disk a grid needs (:mod:`launcher.measure`) and its status read off the disk
 (:mod:`launcher.status`).
 
-It sits above ``config.py`` (each run's config is resolved by the Sacred experiment itself) and below the
+It sits above ``config/`` (each run's config is resolved by the Sacred experiment itself) and below the
 entry points. Nothing is imported here, so that a job process loads :mod:`launcher.job` alone.
 """

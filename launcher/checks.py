@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -35,6 +36,7 @@ from launcher.clusters import (
 )
 from launcher.grid import Run, latest_jobs, other_configs, read_manifest
 from launcher.job import FINISHED, read_state
+from models import get_method
 from models.encoder import PRETRAINED
 from models.weights import recorded_config
 from utils import resolve_data_root, resolve_device
@@ -145,31 +147,30 @@ def weights_finding(config: dict[str, Any]) -> Finding:
 
 
 @cache
-def estimated_snapshot_bytes(decoder_extra_maps: bool) -> tuple[int, int]:
-    """``(full, weights-only)`` bytes of a snapshot, from the model's tensors (built on the meta device):
-    the weights, plus SGD's momentum for the full one."""
-    import warnings
-
-    from models import build_difd
-
+def estimated_snapshot_bytes(method: str, options: tuple[tuple[str, Any], ...]) -> tuple[int, int]:
+    """``(full, weights-only)`` bytes of a snapshot of ``method`` built with ``options``, from the model's
+    tensors (built on the meta device): the weights, plus SGD's momentum for the full one."""
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore", UserWarning)
-        model = build_difd(pretrained_weights=None, decoder_extra_maps=decoder_extra_maps)
+        model = get_method(method).build(dict(options), None, None)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     momentum = sum(p.numel() * p.element_size() for p in model.parameters())
     return weights + momentum, weights
 
 
-def disk_finding(
-    grid: Path, runs: Sequence[Run], sizes: dict[bool, tuple[int, int]] | None = None
-) -> Finding:
+def model_of(config: dict[str, Any]) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """The method of a run's config and its options (hashable): what decides the snapshots' size."""
+    return config["method"], tuple(sorted(get_method(config["method"]).options_of(config).items()))
+
+
+def disk_finding(grid: Path, runs: Sequence[Run], sizes: dict[Any, tuple[int, int]] | None = None) -> Finding:
     """Free space on the grid folder's disk against the snapshots still to be written (keep policy peak,
-    less what each run already holds)."""
+    less what each run already holds); ``sizes``: measured ``(full, weights-only)`` bytes by
+    :func:`model_of`."""
     needed = 0
     for run in runs:
-        full, weights = (sizes or {}).get(run.config["decoder_extra_maps"]) or estimated_snapshot_bytes(
-            run.config["decoder_extra_maps"]
-        )
+        model = model_of(run.config)
+        full, weights = (sizes or {}).get(model) or estimated_snapshot_bytes(*model)
         _, peak = snapshot_disk_use(run.config["n_steps"], run.config["save_snapshot_every"], full, weights)
         held = sum(path.stat().st_size for _, path in list_snapshots(run.folder / "snapshots"))
         needed += max(0, peak - held)

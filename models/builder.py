@@ -1,25 +1,38 @@
-"""The one way to make a DIFD model (:func:`build_difd`) and to make one from a file (:func:`load_difd`).
+"""DIFD as a method of the harness: the one way to make a DIFD network (:func:`build_difd`), what a DIFD
+state dict looks like (:func:`difd_architecture`), and its registration (:data:`DIFD_METHOD`).
 
 ``build_difd`` wires the parts together from plain arguments (segment-anything's ``build_sam`` habit), so a
-test can inject a small encoder; ``load_difd`` reads a checkpoint once (verified), builds the architecture it
-needs and loads its weights strictly, for ``test.py``, ``segment.py`` and the benchmarks.
+test can inject a small encoder; checkpoints are loaded through :func:`models.load_model`.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from models.decoder import Decoder
-from models.difd import DIFD
-from models.dual_interspersion import DualInterspersion
+from models.difd import DIFD, MULTI_SHOT
+from models.dual_interspersion import REGION_SAMPLING, DualInterspersion
 from models.encoder import FEATURE_CHANNELS, Res101Encoder
 from models.flexible_deployment import FlexibleDeployment
 from models.fusion_refinement import InteractiveFusionRefinement
-from models.weights import ModelCheckpoint, decoder_extra_maps_of, load_model_weights, read_model_checkpoint
+from models.losses import LOSS_WEIGHTS, DIFDLoss
+from models.methods import Method, Option, register
+
+#: Keys every DIFD state dict holds (the official module tree, method.md §6).
+DIFD_KEYS = (
+    "encoder.backbone.conv1.weight",
+    "encoder.reduce1.weight",
+    "encoder.reduce1d.weight",
+    "fuse.weight",
+    "decoder1.merge.0.weight",
+    "decoder2.merge.0.weight",
+)
+#: Decoder input channels -> ``decoder_extra_maps`` (2C+1: the paper's, 2C+3: the official decoders').
+DECODER_CHANNELS = {2 * FEATURE_CHANNELS + 1: False, 2 * FEATURE_CHANNELS + 3: True}
 
 
 def build_difd(
@@ -57,34 +70,70 @@ def build_difd(
     )
 
 
-def load_difd(
-    checkpoint: str | os.PathLike | ModelCheckpoint,
-    decoder_extra_maps: bool | None = None,
-    region_sampling: str | None = None,
-    multi_shot: str | None = None,
-) -> tuple[DIFD, ModelCheckpoint]:
-    """A DIFD model with the weights of ``checkpoint`` (a path, or a file :func:`read_model_checkpoint`
-    already read), and the checkpoint (its kind, step and recorded training config).
-
-    The architecture: ``decoder_extra_maps`` as given (a file that does not fit is an error that says what
-    it seems to be and, where the decoder width is the only difference, which value fits), else read off
-    the file's decoders (:func:`decoder_extra_maps_of`); ``region_sampling`` and ``multi_shot`` as given,
-    else as the checkpoint's config records them, else the official behaviour. The model is on the CPU
-    in training mode, as ``build_difd`` leaves it.
-    """
-    if not isinstance(checkpoint, ModelCheckpoint):
-        checkpoint = read_model_checkpoint(checkpoint)
-    recorded = checkpoint.config or {}
-    if decoder_extra_maps is None:
-        decoder_extra_maps = decoder_extra_maps_of(checkpoint)
-    with warnings.catch_warnings():
-        # The encoder warns that it is randomly initialised: the checkpoint overwrites every weight.
-        warnings.filterwarnings("ignore", message=".*randomly initialised.*")
-        model = build_difd(
-            pretrained_weights=None,
-            decoder_extra_maps=decoder_extra_maps,
-            region_sampling=region_sampling or recorded.get("region_sampling", "official"),
-            multi_shot=multi_shot or recorded.get("multi_shot", "official"),
+def difd_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The ``decoder_extra_maps`` a DIFD state dict needs, read off its decoder width; ``ValueError`` for
+    tensors that are not DIFD's (its keys missing, or a decoder width neither 2C+1 nor 2C+3)."""
+    missing = [key for key in DIFD_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"not a DIFD state dict: it lacks {missing}")
+    channels = int(state["decoder1.merge.0.weight"].shape[1])
+    if channels not in DECODER_CHANNELS:
+        raise ValueError(
+            f"decoder1.merge.0.weight takes {channels} input channels; a DIFD decoder takes "
+            f"{sorted(DECODER_CHANNELS)} (2C+1 or 2C+3 with C = {FEATURE_CHANNELS})"
         )
-    load_model_weights(model, checkpoint)
-    return model, checkpoint
+    return {"decoder_extra_maps": DECODER_CHANNELS[channels]}
+
+
+def describe_difd_state(state: Mapping[str, Tensor]) -> str:
+    channels = int(state["decoder1.merge.0.weight"].shape[1])
+    features = int(state["encoder.reduce1.weight"].shape[0])
+    extra = {1: "2C+1", 3: "2C+3"}.get(channels - 2 * features, "unusual")
+    return f"a DIFD state dict in the official layout with {extra} ({channels}-channel) decoders"
+
+
+def _build(options: Mapping[str, Any], pretrained_weights: str | None, pretrained_path: str | None) -> DIFD:
+    return build_difd(
+        pretrained_weights=pretrained_weights,
+        pretrained_path=pretrained_path,
+        decoder_extra_maps=options["decoder_extra_maps"],
+        region_sampling=options["region_sampling"],
+        multi_shot=options["multi_shot"],
+    )
+
+
+DIFD_METHOD = register(
+    Method(
+        name="difd",
+        title="DIFD",
+        paper="Cheng et al., Dual Interspersion and Flexible Deployment for Few-Shot Medical Image "
+        "Segmentation, IEEE TMI 44(6), 2025",
+        build=_build,
+        loss=lambda weights, options: DIFDLoss(**weights),
+        loss_weights=LOSS_WEIGHTS,
+        options={
+            "decoder_extra_maps": Option.flag(
+                False, "True: 2C+3 decoder input, as the official decoders (loads their 1027-channel weights)"
+            ),
+            "region_sampling": Option.choice(
+                "official", REGION_SAMPLING, "'official': fixed seed-9 RI boxes and SI draws; 'random'"
+            ),
+            "multi_shot": Option.choice(
+                "official", MULTI_SHOT, "'official': shot 0 drives the prediction; 'all': every shot"
+            ),
+        },
+        # What the official train.sh / evaluate.sh pass on top of the official config defaults, plus our
+        # validation cadence (20 validations of 2 query volumes x 4 classes: seconds each on a GPU).
+        official_script={
+            "seed": 2025,
+            "lr_step_gamma": 0.9,
+            "n_steps": 40000,
+            "max_iters_per_load": 10000,
+            "save_snapshot_every": 10000,
+            "supp_idx": 2,
+            "validate_every": 2000,
+        },
+        architecture_of=difd_architecture,
+        describe_state=describe_difd_state,
+    )
+)

@@ -25,15 +25,18 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from models.decoder import Decoder
-from models.dual_interspersion import MAP_EPS, DualInterspersion, InterspersionPlan, PrototypeSets, masked_sum
+from models.dual_interspersion import DualInterspersion, InterspersionPlan, PrototypeSets
 from models.flexible_deployment import FlexibleDeployment
 from models.fusion_refinement import InteractiveFusionRefinement
+from models.losses import CLASS_WEIGHTS
+from models.methods import FewShotOutput
+from models.prototypes import MAP_EPS, masked_sum
 
 MULTI_SHOT = ("official", "all")
 
 
 @dataclass
-class DIFDOutput:
+class DIFDOutput(FewShotOutput):
     """Model output.
 
     ``query_probs (B, Q, 2, H, W)``: [bg, fg] probabilities of the queries.
@@ -44,7 +47,6 @@ class DIFDOutput:
     gives them zero alignment loss.
     """
 
-    query_probs: Tensor
     support_probs: Tensor | None = None
     align_valid: Tensor | None = None
 
@@ -129,8 +131,16 @@ class DIFD(nn.Module):
         interspersion: the DI module.
         decoder1: foreground decoder; decoder2: background decoder.
         multi_shot: ``'official'`` (shot 0 alone feeds DI and the fusion factor) or ``'all'`` (basis sets of
-            all            shots concatenated, fusion factor over the support pixels of all shots).
+            all shots concatenated, fusion factor over the support pixels of all shots).
     """
+
+    method = "difd"
+    #: ``encoder.reduce2`` (2048 → 512 on layer4) is kept only so that official checkpoints load (the
+    #: official code computes and discards it): it never receives a gradient.
+    unused_parameters = ("encoder.reduce2.weight",)
+    #: The official model's loss module is a weighted NLLLoss whose class weights are a buffer, hence a key of
+    #: every official checkpoint.
+    official_extras = {"criterion.weight": CLASS_WEIGHTS}
 
     def __init__(
         self,

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from models.prototypes import MAP_EPS, bilinear_weights
+
 WINDOW = (16, 8)
 WINDOW_STRIDE = 8
 FG_WINDOW_RATE = 0.95
@@ -47,7 +49,6 @@ BOX_FG_RATE = 0.95
 ASPECT_RATIO_RANGE = (0.5, 2.0)
 BOX_MIN_FRACTION = 0.0625
 OFFICIAL_SEED = 9
-MAP_EPS = 1e-5
 REGION_SAMPLING = ("official", "random")
 
 
@@ -172,35 +173,6 @@ def subsample_plan(
     fg_kind, fg_ordinals = choose(n_fg_windows, n_fg_pixels, FG_WINDOW_CAP) if fg_on else ("window", ())
     bg_kind, bg_ordinals = choose(n_bg_windows, n_bg_pixels, BG_WINDOW_CAP)
     return fg_kind, fg_ordinals, bg_kind, bg_ordinals
-
-
-def bilinear_weights(out_size: int, in_size: int, device: torch.device) -> Tensor:
-    """Matrix ``U (out, in)`` of 1-D bilinear upsampling with ``align_corners=True`` (float64), so that
-    ``F.interpolate(F, (H, W), mode='bilinear', align_corners=True) = U_h F U_wᵀ`` per channel."""
-    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-    src = torch.arange(out_size, dtype=torch.float64, device=device) * scale
-    lo = src.floor().clamp(max=in_size - 1)
-    frac = src - lo
-    lo = lo.long()
-    hi = (lo + 1).clamp(max=in_size - 1)
-    u = torch.zeros(out_size, in_size, dtype=torch.float64, device=device)
-    rows = torch.arange(out_size, device=device)
-    u.index_put_((rows, lo), 1 - frac, accumulate=True)
-    u.index_put_((rows, hi), frac, accumulate=True)
-    return u
-
-
-def masked_sum(features: Tensor, masks: Tensor) -> Tensor:
-    """``Σ_x up(F)[:, x]·M[x]`` without forming the upsampled features: ``F`` contracted with ``U_hᵀ M U_w``.
-
-    Shape: ``features (N, C, h, w)``, ``masks (N, H, W)`` → ``(N, C)``.
-    """
-    h, w = features.shape[-2:]
-    height, width = masks.shape[-2:]
-    u_h = bilinear_weights(height, h, features.device)
-    u_w = bilinear_weights(width, w, features.device)
-    kernel = (u_h.t() @ masks.double() @ u_w).to(features.dtype)  # (N, h, w)
-    return torch.einsum("nchw,nhw->nc", features, kernel)
 
 
 def _summed_area_table(x: Tensor) -> Tensor:

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from models.prototypes import MAP_EPS
+
 SCALER = 20.0
-MAP_EPS = 1e-5
 
 
 def fusion_factor(support_feats: Tensor, branch_masks: Tensor, query_feats: Tensor) -> Tensor:

@@ -15,17 +15,22 @@ prototype-alignment prediction of the supports.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.difd import DIFDOutput
+if TYPE_CHECKING:
+    from models.difd import DIFDOutput
 
 CLASS_WEIGHTS = (0.1, 1.0)
 IGNORE_INDEX = 255
 THETA0 = 3
 THETA = 5
 BF1_EPS = 1e-7
+#: The four terms and their default weights (config key ``loss_weights``).
+LOSS_WEIGHTS = {"query_nll": 1.0, "query_boundary": 1.0, "align_nll": 1.0, "align_boundary": 1.0}
 
 
 def clamped_log(probs: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ for fold in $FOLDS; do
     echo "=== evaluate $DATASET $SETTING fold $fold ==="
     "$PYTHON" test.py with "$DATASET" "$SETTING" official_script eval_fold="$fold" "$@" || failed+=("$fold")
 done
-RUN_ROOT="$("$PYTHON" config.py print_run_root with "$DATASET" "$SETTING" official_script "$@" 2>/dev/null)"
+RUN_ROOT="$("$PYTHON" -m config print_run_root with "$DATASET" "$SETTING" official_script "$@" 2>/dev/null)"
 "$PYTHON" script/summarize.py "$RUN_ROOT"
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "evaluation failed for fold(s) ${failed[*]}: see the messages above" >&2

@@ -48,29 +48,49 @@ class TestConfig:
 
     def test_every_key_is_read(self):
         """Each top-level key is read as ``cfg["key"]`` (or is a function parameter) in train.py, test.py or
-        config.py (run folders, file checks, print_run_root), the value check not counted."""
-        from config import base_config_keys
+        config/ (run folders, file checks, print_run_root), the value check not counted; each method's own
+        keys are read as ``options["key"]`` in the module that builds the method."""
+        import inspect
 
-        read = {"n_way"}  # the official key whose only use is the check that it is 1 (DIFD is 1-way)
-        for script in ("train.py", "test.py", "config.py"):
-            source = (REPO / script).read_text()
-            if script == "config.py":  # check_values reads every key: only what is outside it counts
-                start = source.index("def check_values(")
-                source = source[:start] + source[source.index("\ndef ", start + 1) :]
+        from config import base_config_keys
+        from models import get_method, method_names
+
+        def subscripts(source: str) -> set[str]:
             tree = ast.parse(source)
-            for node in ast.walk(tree):
-                if isinstance(node, ast.FunctionDef):
-                    read |= {arg.arg for arg in node.args.args}
-            read |= {
+            found = {
+                arg.arg
+                for node in ast.walk(tree)
+                if isinstance(node, ast.FunctionDef)
+                for arg in node.args.args
+            }
+            return found | {
                 n.slice.value
                 for n in ast.walk(tree)
                 if isinstance(n, ast.Subscript)
                 and isinstance(n.slice, ast.Constant)
                 and isinstance(n.slice.value, str)
             }
+
+        read = {"n_way"}  # the official key whose only use is the check that it is 1 (the methods are 1-way)
+        for script in ("train.py", "test.py", "config/experiment.py", "config/values.py"):
+            source = (REPO / script).read_text()
+            if script == "config/values.py":  # check_values reads every key: only what is outside it counts
+                start = source.index("def check_values(")
+                source = source[:start] + source[source.index("\ndef ", start + 1) :]
+            read |= subscripts(source)
         top_level = {key.split(".")[0] for key in base_config_keys()}
         assert top_level - read == set()
-        assert {"validate_every", "validate_cases", "validate_labels", "allow_cross_eval"} <= top_level
+        assert {
+            "validate_every",
+            "validate_cases",
+            "validate_labels",
+            "allow_cross_eval",
+            "method",
+        } <= top_level
+        for name in method_names():
+            method = get_method(name)
+            source = Path(inspect.getsourcefile(method.build)).read_text()
+            assert set(method.options) - subscripts(source) == set(), name
 
     def test_failures_before_training(self, tmp_path):
         import train  # registers the 'train' command on the shared experiment
@@ -114,7 +134,7 @@ class TestConfig:
 
 
 def test_resume_refuses_every_key_but_the_listed_ones():
-    from config import RESUME_MAY_DIFFER, base_config_keys, resume_differences
+    from config import RESUME_MAY_DIFFER, config_keys, resume_differences
 
     saved = {"seed": 1, "n_steps": 10, "device": "cpu", "validate_every": 0, "new_key": 3}
     now = {"seed": 1, "n_steps": 20, "device": "cuda", "validate_every": 5, "new_key": 4}
@@ -122,8 +142,9 @@ def test_resume_refuses_every_key_but_the_listed_ones():
     # keys of snapshots written before the speed switches existed count as the faithful values
     assert resume_differences({}, {"precision": "fp32", "sgd_impl": None}) == {}
     assert resume_differences({}, {"precision": "bf16"}) == {"precision": ("fp32", "bf16")}
-    top_level = {key.split(".")[0] for key in base_config_keys()}
+    # a snapshot written before methods were plug-ins is DIFD's
+    assert resume_differences({}, {"method": "difd"}) == {}
+    top_level = {key.split(".")[0] for key in config_keys("difd")}
     assert set(RESUME_MAY_DIFFER) <= top_level
-    assert {"seed", "optim", "loss_weights", "n_steps", "precision", "image_size"} <= top_level - set(
-        RESUME_MAY_DIFFER
-    )
+    protected = {"seed", "optim", "loss_weights", "n_steps", "precision", "image_size", "method"}
+    assert protected | {"decoder_extra_maps"} <= top_level - set(RESUME_MAY_DIFFER)

@@ -18,14 +18,8 @@ from torch import nn
 
 from models import DIFD, DIFDLoss, build_difd
 from models.difd import DIFDOutput
-from models.dual_interspersion import (
-    OFFICIAL_SEED,
-    DualInterspersion,
-    bilinear_weights,
-    draw_boxes,
-    masked_sum,
-    subsample_plan,
-)
+from models.dual_interspersion import OFFICIAL_SEED, DualInterspersion, draw_boxes, subsample_plan
+from models.prototypes import bilinear_weights, masked_sum
 from tests.naive_difd import F64_TOL, naive_boxes, naive_forward, naive_losses
 from tests.tiny_difd import TinyEncoder, tiny_difd
 
