@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The learning check: bash script/learning_check.sh [abd_mri|cmr|abd_ct]   (default abd_mri)
+# The learning check: bash script/learning_check.sh [abd_mri|cmr|abd_ct] [method]   (default abd_mri difd)
 #
-# Shows on real data and a CPU that training, model and evaluation together learn: DIFD (ResNet-101 from
+# Shows on real data and a CPU that training, model and evaluation together learn: a method (DIFD by
+# default, any of docs/methods.md; its network from
 # random weights, the faithful recipe otherwise) trains with ground-truth labels (use_gt=True) on the seen
 # classes of one fold at 64 px, one class held out of training entirely, and is validated along the way
 # with the evaluation protocol of test.py on a seen and the unseen class, beside the label-free curve of
@@ -41,6 +42,7 @@ cd "$(dirname "$0")/.."
 start_time=$SECONDS
 
 config_name="${1:-abd_mri}"
+method="${2:-difd}"
 case "$config_name" in
     abd_mri) dataset=CHAOST2 fold=0 seen=1 seen_name=LIVER unseen=4 cases=None goal=60 ;;
     cmr) dataset=CMR fold=0 seen=2 seen_name=LV-BP unseen=3 cases=4 goal=60 ;;
@@ -80,10 +82,11 @@ fi
 min_size="$(python -c "from dataloaders.train_dataset import scaled_min_size; print(scaled_min_size($size))")"
 
 exp_str="learning_check_$dataset"
+[ "$method" = difd ] || exp_str="learning_check_${method}_$dataset"
 run_root="$out/runs/$exp_str"
 rm -rf "$run_root"  # a check starts from scratch
-echo "[learning check] $dataset fold $fold on $device ($precision): use_gt without class $unseen, $steps steps at $size px, validating $seen_name (seen) and class $unseen (unseen) every $every steps"
-python train.py with "$config_name" use_gt=True "eval_fold=$fold" "test_label=[$unseen]" \
+echo "[learning check] $method on $dataset fold $fold on $device ($precision): use_gt without class $unseen, $steps steps at $size px, validating $seen_name (seen) and class $unseen (unseen) every $every steps"
+python train.py with "$config_name" "method=$method" use_gt=True "eval_fold=$fold" "test_label=[$unseen]" \
     "validate_labels=[$seen,$unseen]" "validate_every=$every" "validate_cases=$cases" "image_size=$size" \
     "min_size=$min_size" "n_steps=$steps" "max_iters_per_load=$steps" "save_snapshot_every=$steps" \
     print_interval=50 "precision=$precision" pretrained_weights=None num_workers=0 "device=$device" \
