@@ -18,7 +18,7 @@ LAYERS = (
     ("engine",),
     ("inference",),
     ("config",),
-    ("launcher",),  # resolves each run's config through config.py; train.py never imports it
+    ("launcher",),  # resolves each run's config through config/; train.py never imports it
     ("train", "test", "segment", "script", "benchmarks"),
 )
 
