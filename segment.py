@@ -10,8 +10,13 @@ Example (the shared CHAOST2 copy; liver and spleen of case 1 segmented in cases 
                 ../shared/data/CHAOST2/chaos_MR_T2_normalized/image_3.nii.gz --out seg_out
 
 Scans: NIfTI (``.nii``, ``.nii.gz``), any 3-D file SimpleITK reads (``.nrrd``, ``.mha``, ...) or a DICOM
-series folder (``--series UID`` picks one where a folder holds several). For each query ``Q`` it writes
+series folder (``--series UID`` picks one where a folder holds several; missing, duplicated or unevenly
+spaced slices are refused). The support label: a label map on the support's grid or a voxel-aligned part
+of it, or a 3D Slicer segmentation (``.seg.nrrd``; ``--label`` then names segments, or gives their
+values). For each query ``Q`` it writes
 ``OUT/<Q>.nii.gz`` (the ``--label`` values, 0 elsewhere, on exactly the query's voxel grid),
+``OUT/<Q>.seg.nrrd`` (the same map as a 3D Slicer segmentation: one named, coloured segment per organ),
+for a DICOM query ``OUT/<Q>_seg.dcm`` (a DICOM SEG referencing the source series, for PACS viewers),
 ``OUT/<Q>_overlays/`` (axial PNGs per organ, radiological orientation) and, last, ``OUT/report.json``
 (per query and organ: voxels, mL, slice range, support slices used; checkpoint path and SHA-256, preset,
 timings); a run that stops early leaves no report.json. Every file is written under a temporary name and
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataloaders import Volume
+from inference.dicom import series_files, write_dicom_seg
 from inference.outputs import palette_rgb, write_json, write_label_map, write_overlays
 from inference.prediction import DEFAULT_BATCH_SIZE
 from inference.presets import PRESETS
@@ -216,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for query, query_range in zip(args.query, ranges, strict=True):
         layout = segmenter.preset.layout(directions[query], not args.keep_orientation)
         check_slice_axis(query_range, layout, query)
+    checkpoint_id = (args.checkpoint.name, segmenter.checkpoint.sha256)
     names = {v: support_label.names.get(v, f"label {v}") for v in labels}
     colours = {v: support_label.colours.get(v, palette_rgb(i)) for i, v in enumerate(labels)}
     support = segmenter.prepare_support(
@@ -260,12 +267,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
         write_label_map(label_map, files.label_map)
         write_seg_nrrd(label_map, labels, names, colours, files.segmentation)
         overlays = write_overlays(scan, label_map, labels, files.overlays)
+        if files.dicom_seg is not None:
+            sources = series_files(query, series)  # the order the scan was read in: slice k = file k
+            write_dicom_seg(label_map, labels, names, sources, checkpoint_id, files.dicom_seg)
+        else:
+            print(f"{files.name}: not a DICOM series, so no DICOM SEG (NIfTI and .seg.nrrd written)")
         write_seconds = time.perf_counter() - clock
         name = files.name
         report["queries"][name] = {
             "input": str(query),
             "label_map": str(files.label_map),
             "segmentation": str(files.segmentation),
+            "dicom_seg": None if files.dicom_seg is None else str(files.dicom_seg),
             "overlays": [str(files.overlays / f) for f in overlays],
             "shape_zyx": list(scan.shape),
             "spacing_xyz": list(scan.geometry.spacing),

@@ -201,3 +201,100 @@ def test_cropped_segmentation_support_gives_the_full_grid_result(tmp_path, chaos
     from_full = _run(command, chaos, full, ["Liver", "Liver and spleen"], query, tmp_path / "d")
     np.testing.assert_array_equal(from_cropped, from_full)
     assert set(np.unique(from_cropped)) == {0, 1, 2}
+
+
+# -------------------------------------------------------------------------------------------- DICOM
+STUDY_UID, SERIES_UID, FRAME_UID = (f"1.2.826.0.1.3680043.9.7.26.{k}" for k in (1, 2, 3))
+
+
+def write_mr_series(volume: Volume, folder: Path, order=None, skip=(), moved=None) -> list[Path]:
+    """An MR series as a scanner exports one (pydicom; patient, study, series, frame of reference and
+    MR image attributes), one file per slice ``k`` of an int16 ``volume`` at its physical position; file
+    names and instance numbers follow ``order`` (default: the volume's), slices in ``skip`` are left out
+    and ``moved = (k, mm)`` shifts one slice along the normal. Returns the files by slice."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+
+    folder.mkdir(parents=True)
+    image = volume.to_sitk()
+    direction = np.reshape(volume.geometry.direction, (3, 3))
+    normal = np.cross(direction[:, 0], direction[:, 1])
+    order = list(range(volume.shape[0])) if order is None else order
+    paths = []
+    for rank, k in enumerate(order):
+        position = np.asarray(image.TransformIndexToPhysicalPoint((0, 0, k)))
+        if moved is not None and moved[0] == k:
+            position = position + moved[1] * normal
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID = MRImageStorage, ExplicitVRLittleEndian
+        meta.MediaStorageSOPInstanceUID = f"{SERIES_UID}.{k + 1}"
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        attributes = {
+            "SOPClassUID": MRImageStorage, "SOPInstanceUID": f"{SERIES_UID}.{k + 1}",
+            "PatientName": "Clinic^Test", "PatientID": "CHAOST2-2", "PatientBirthDate": "19700101",
+            "PatientSex": "O", "StudyInstanceUID": STUDY_UID, "StudyDate": "20260101", "StudyTime": "120000",
+            "StudyID": "26", "AccessionNumber": "A26", "ReferringPhysicianName": "", "Modality": "MR",
+            "SeriesInstanceUID": SERIES_UID, "SeriesNumber": 3, "SeriesDescription": "T2 SPIR",
+            "FrameOfReferenceUID": FRAME_UID, "PositionReferenceIndicator": "", "Manufacturer": "test",
+            "InstanceNumber": rank + 1, "ImageType": ["ORIGINAL", "PRIMARY", "M"],
+            "ScanningSequence": "SE", "SequenceVariant": "SK", "ScanOptions": "", "MRAcquisitionType": "2D",
+            "EchoTime": 80.0, "RepetitionTime": 1500.0, "EchoTrainLength": 16,
+            "ImagePositionPatient": [float(v) for v in position],
+            "ImageOrientationPatient": [float(v) for v in (*direction[:, 0], *direction[:, 1])],
+            "PixelSpacing": [volume.geometry.spacing[1], volume.geometry.spacing[0]],
+            "SliceThickness": volume.geometry.spacing[2], "SamplesPerPixel": 1,
+            "PhotometricInterpretation": "MONOCHROME2", "Rows": volume.shape[1], "Columns": volume.shape[2],
+            "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 1,
+        }  # fmt: skip
+        for key, value in attributes.items():
+            setattr(ds, key, value)
+        ds.PixelData = np.ascontiguousarray(volume.array[k], dtype="<i2").tobytes()
+        path = folder / f"IM{rank:04d}.dcm"
+        if k not in skip:
+            ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return [paths[order.index(k)] for k in range(volume.shape[0])]
+
+
+@pytest.fixture(scope="module")
+def dicom_query(chaos) -> Volume:
+    """Slices 10..15 of case 2 with integer intensities (DICOM stores integers)."""
+    stored = read_scan(chaos / "image_2.nii.gz")
+    origin = stored.to_sitk().TransformIndexToPhysicalPoint((0, 0, 10))
+    geometry = Geometry(stored.geometry.spacing, tuple(origin), stored.geometry.direction)
+    return Volume(np.rint(stored.array[10:16]).astype(np.int16), geometry)
+
+
+def test_dicom_series_checks(tmp_path, dicom_query):
+    in_order = read_scan(write_mr_series(dicom_query, tmp_path / "a")[0].parent)
+    shuffled = write_mr_series(dicom_query, tmp_path / "b", order=[3, 0, 5, 1, 4, 2])
+    got = read_scan(shuffled[0].parent)
+    np.testing.assert_array_equal(got.array, in_order.array)
+    assert got.geometry.matches(in_order.geometry)
+    np.testing.assert_array_equal(got.array, dicom_query.array[::-1])  # normal = row x column = -z
+
+    files = write_mr_series(dicom_query, tmp_path / "gap", skip=(2,))
+    step = dicom_query.geometry.spacing[2]
+    gap = rf"between {files[3].name} and {files[1].name} \({2 * step:.3f} mm apart; the series' slices are "
+    with pytest.raises(ValueError, match=rf"gap: 1 missing slice\(s\) {gap}{step:.3f} mm apart\)"):
+        read_scan(tmp_path / "gap")
+    files = write_mr_series(dicom_query, tmp_path / "uneven", moved=(2, 3.0))
+    with pytest.raises(ValueError, match=r"uneven: inconsistent slice spacing: IM\d+.dcm to IM\d+.dcm"):
+        read_scan(tmp_path / "uneven")
+    files = write_mr_series(dicom_query, tmp_path / "twice")
+    import pydicom
+
+    copy = pydicom.dcmread(files[4])
+    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = f"{SERIES_UID}.99"
+    copy.save_as(tmp_path / "twice" / "IM0099.dcm")
+    with pytest.raises(ValueError, match=r"twice: duplicated slice: IM00(04|99).dcm and IM00(04|99).dcm lie"):
+        read_scan(tmp_path / "twice")
+    files = write_mr_series(dicom_query, tmp_path / "mixed")
+    other = pydicom.dcmread(files[1])
+    other.FrameOfReferenceUID = "1.2.826.0.1.3680043.9.7.26.77"
+    other.save_as(files[1])
+    with pytest.raises(ValueError, match=rf"mixed: mixed series: .* has FrameOfReferenceUID {FRAME_UID} but "
+                       rf"{files[1].name} has 1.2.826.0.1.3680043.9.7.26.77"):  # fmt: skip
+        read_scan(tmp_path / "mixed")
