@@ -21,7 +21,7 @@ from dataloaders import Geometry, Volume
 from inference.scans import check_support, read_scan, read_support_label
 from inference.segmentations import read_seg_nrrd
 from inference.segmenter import CheckpointInfo, Segmenter
-from tests.test_segment import CHAOS, matching_difd
+from tests.test_segment import CHAOS, dice, matching_difd
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -150,8 +150,12 @@ def command(monkeypatch, tmp_path, matching_segmenter):
 
 @pytest.fixture(scope="module")
 def query(tmp_path_factory, chaos) -> Path:
+    """Slices 10..15 of case 2 (``case2.nii.gz``), with their ground truth (``label2.nii.gz``)."""
     path = tmp_path_factory.mktemp("query") / "case2.nii.gz"
     sitk.WriteImage(sitk.ReadImage(str(chaos / "image_2.nii.gz"))[:, :, 10:16], str(path))
+    sitk.WriteImage(
+        sitk.ReadImage(str(chaos / "label_2.nii.gz"))[:, :, 10:16], str(path.parent / "label2.nii.gz")
+    )
     return path
 
 
@@ -370,3 +374,36 @@ def test_dicom_query_gets_a_dicom_seg_matching_the_nifti(tmp_path, chaos, comman
     assert sorted(p.name for p in (tmp_path / "nifti").iterdir()) == [
         "case2.nii.gz", "case2.seg.nrrd", "case2_overlays", "report.json"
     ]  # fmt: skip
+
+
+def test_one_slice_loop(tmp_path, support, command, query):
+    """docs/inference.md's loop: one slice drawn in Slicer (saved cropped to that slice) on the scan, the
+    scan segmented from it with --n-part 1 and the organ's extent; the same as from that slice as a NIfTI
+    label on the full grid."""
+    image = read_scan(query)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(query.parent / "label2.nii.gz")))
+    drawn = np.zeros_like(truth, dtype=bool)
+    drawn[3] = truth[3] == LIVER
+    seg = write_slicer_segmentation(tmp_path / "liver.seg.nrrd", image.geometry, {"Liver": drawn})
+    assert slicerio.read_segmentation(str(seg))["voxels"].shape[2] == 1  # one slice thick
+    nifti = tmp_path / "liver.nii.gz"
+    sitk.WriteImage(Volume(drawn.astype(np.uint8), image.geometry).to_sitk(), str(nifti))
+    results = []
+    for label, value, out in ((seg, "Liver", "a"), (nifti, "1", "b")):
+        argv = ["--support-image", str(query), "--support-label", str(label), "--label", value]
+        command(
+            *argv,
+            "--n-part",
+            "1",
+            "--query-range",
+            "1:5",
+            "--query",
+            str(query),
+            "--out",
+            str(tmp_path / out),
+        )
+        results.append(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / out / "case2.nii.gz"))))
+    np.testing.assert_array_equal(results[0], results[1])
+    assert results[0][1:5].any() and not results[0][[0, 5]].any()
+    found = dice(results[0][1:5] == LIVER, truth[1:5] == LIVER)
+    assert found > 0.5, found  # the liver found on the drawn slice and its neighbours
