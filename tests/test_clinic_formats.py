@@ -322,7 +322,9 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 
-def test_dicom_query_gets_a_dicom_seg_matching_the_nifti(tmp_path, chaos, command, dicom_query, query):
+def test_dicom_query_gets_a_dicom_seg_matching_the_nifti(
+    tmp_path, chaos, command, dicom_query, query, capsys
+):
     import highdicom as hd
     import pydicom
 
@@ -370,7 +372,12 @@ def test_dicom_query_gets_a_dicom_seg_matching_the_nifti(tmp_path, chaos, comman
     assert dciodvfy_errors(out / "case2_seg.dcm") == []
 
     # a query that is not DICOM: said in one line, the other formats written
+    capsys.readouterr()
     command(*argv, "--label", "1", "--query", str(query), "--out", str(tmp_path / "nifti"))
+    assert (
+        "case2: not a DICOM series, so no DICOM SEG (NIfTI and .seg.nrrd written)\n"
+        in capsys.readouterr().out
+    )
     assert sorted(p.name for p in (tmp_path / "nifti").iterdir()) == [
         "case2.nii.gz", "case2.seg.nrrd", "case2_overlays", "report.json"
     ]  # fmt: skip
