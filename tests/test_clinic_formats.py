@@ -275,6 +275,9 @@ def dicom_query(chaos) -> Volume:
 
 def test_dicom_series_checks(tmp_path, dicom_query):
     in_order = read_scan(write_mr_series(dicom_query, tmp_path / "a")[0].parent)
+    sitk.WriteImage(
+        Volume(np.ones(in_order.shape, np.uint8), in_order.geometry).to_sitk(), str(tmp_path / "label.nii.gz")
+    )
     shuffled = write_mr_series(dicom_query, tmp_path / "b", order=[3, 0, 5, 1, 4, 2])
     got = read_scan(shuffled[0].parent)
     np.testing.assert_array_equal(got.array, in_order.array)
@@ -286,6 +289,18 @@ def test_dicom_series_checks(tmp_path, dicom_query):
     gap = rf"between {files[3].name} and {files[1].name} \({2 * step:.3f} mm apart; the series' slices are "
     with pytest.raises(ValueError, match=rf"gap: 1 missing slice\(s\) {gap}{step:.3f} mm apart\)"):
         read_scan(tmp_path / "gap")
+    argv = ["--checkpoint", str(tmp_path / "never_read.pth"), "--support-image", str(tmp_path / "a")]
+    argv += [
+        "--support-label",
+        str(tmp_path / "label.nii.gz"),
+        "--label",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    with pytest.raises(ValueError, match=rf"gap: 1 missing slice\(s\) {gap}"):  # the command, as a query
+        segment.main([*argv, "--query", str(tmp_path / "gap")])
+    assert not (tmp_path / "out").exists()
     files = write_mr_series(dicom_query, tmp_path / "uneven", moved=(2, 3.0))
     with pytest.raises(ValueError, match=r"uneven: inconsistent slice spacing: IM\d+.dcm to IM\d+.dcm"):
         read_scan(tmp_path / "uneven")
