@@ -9,12 +9,19 @@ geometry are what is tested and the run stays short.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import slicerio
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 import segment
 from dataloaders import Geometry, Volume
@@ -217,10 +224,6 @@ def write_mr_series(volume: Volume, folder: Path, order=None, skip=(), moved=Non
     MR image attributes), one file per slice ``k`` of an int16 ``volume`` at its physical position; file
     names and instance numbers follow ``order`` (default: the volume's), slices in ``skip`` are left out
     and ``moved = (k, mm)`` shifts one slice along the normal. Returns the files by slice."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
-
     folder.mkdir(parents=True)
     image = volume.to_sitk()
     direction = np.reshape(volume.geometry.direction, (3, 3))
@@ -305,8 +308,6 @@ def test_dicom_series_checks(tmp_path, dicom_query):
     with pytest.raises(ValueError, match=r"uneven: inconsistent slice spacing: IM\d+.dcm to IM\d+.dcm"):
         read_scan(tmp_path / "uneven")
     files = write_mr_series(dicom_query, tmp_path / "twice")
-    import pydicom
-
     copy = pydicom.dcmread(files[4])
     copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = f"{SERIES_UID}.99"
     copy.save_as(tmp_path / "twice" / "IM0099.dcm")
@@ -324,10 +325,6 @@ def test_dicom_series_checks(tmp_path, dicom_query):
 def dciodvfy_errors(path: Path) -> list[str]:
     """The error lines of dicom3tools' validator on ``path``; a clear failure under CI (which installs it,
     .ci/run), a skip naming what is missing elsewhere."""
-    import os
-    import shutil
-    import subprocess
-
     if shutil.which("dciodvfy") is None:
         missing = "dciodvfy (Debian package dicom3tools: apt-get install dicom3tools) is not installed"
         if os.environ.get("CI"):
@@ -340,9 +337,6 @@ def dciodvfy_errors(path: Path) -> list[str]:
 def test_dicom_query_gets_a_dicom_seg_matching_the_nifti(
     tmp_path, chaos, command, dicom_query, query, capsys
 ):
-    import highdicom as hd
-    import pydicom
-
     files = write_mr_series(dicom_query, tmp_path / "case2", order=[3, 0, 5, 1, 4, 2])
     out = tmp_path / "out"
     argv = [
