@@ -423,3 +423,22 @@ def test_one_slice_loop(tmp_path, support, command, query):
     assert results[0][1:5].any() and not results[0][[0, 5]].any()
     found = dice(results[0][1:5] == LIVER, truth[1:5] == LIVER)
     assert found > 0.5, found  # the liver found on the drawn slice and its neighbours
+
+
+def test_a_file_slicer_wrote(tmp_path):
+    """The layered segmentation 3D Slicer saved over its CTChest4 sample, as slicerio ships them (real Slicer
+    headers: conversion parameters, reference extent offset, terminology tags)."""
+    data = Path(slicerio.__file__).parent / "data"
+    image = read_scan(data / "CTChest4.nrrd")
+    path = data / "SegmentationOverlapping.seg.nrrd"
+    chosen, values = read_support_label(path, ["right lung", "overlapping sphere"])
+    assert values == [5, 1]  # distinct label values are kept
+    placed = check_support(image, chosen, values, ("CTChest4", "overlapping"))
+    segmentation = slicerio.read_segmentation(str(path))
+    for value, name in ((5, "right lung"), (1, "overlapping sphere")):
+        expected = slicerio.segment_mask(segmentation, name).transpose(2, 1, 0)
+        assert expected.any()
+        np.testing.assert_array_equal(placed.mask(value), expected)
+    assert (placed.mask(5) & placed.mask(1)).any()  # the sphere overlaps the lung: two layers
+    with pytest.raises(ValueError, match=r"--label '1' matches 2 segments.*'ribs' \(value 1, layer 0\)"):
+        read_support_label(path, ["1"])
