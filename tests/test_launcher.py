@@ -495,24 +495,31 @@ def test_weights_command(tmp_path: Path, capsys):
 def test_measure_times_steps_here_and_estimates(
     mini_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
-    """--measure trains N+1 steps of the first run in a scratch folder (removed) and estimates the grid;
-    nothing is submitted and the grid folder is not made."""
+    """--measure trains N+1 steps of the first run of each method in a scratch folder (removed) and
+    estimates each method's runs and the grid; nothing is submitted and the grid folder is not made."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the other runs of the tests (2 threads: 4x slower here)
     grid = tmp_path / "grid"
     code = launch(
-        "submit", "--grid", "abd_mri:1,2:1", "--cluster", "local", "--measure", "2", "--timeout-min", "30",
+        "submit", "--grid", "abd_mri:1,2:1", "--method", "difd,tiny_proto", "--plugin", PLUGIN,
+        "--cluster", "local", "--measure", "2", "--timeout-min", "30",
         "with", "debug", "supp_idx=0", f"data_root={mini_root}", f"path.log_dir={grid}", "n_steps=10",
     )  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
-    per_step = float(
-        re.search(r"device, cpu: ([0-9.]+) s per training step \(mean of steps 2-3", out).group(1)
-    )
-    assert 0 < per_step < 60
-    assert "snapshots written: " in out and " MB weights-only" in out
-    hours = float(re.search(r"the 2 run\(s\) to train.*: ([0-9.]+) CPU-hours of training", out).group(1))
-    assert hours == pytest.approx(2 * 10 * per_step / 3600, abs=0.006)
-    assert "jobs per run" not in out and "about 1 job(s) per run" in out
+    hours = {}
+    for method in ("difd", "tiny_proto"):
+        section = out.split(f"method {method}: 2 run(s), 2 steps of ")[1]
+        per_step = float(
+            re.search(r"device, cpu: ([0-9.]+) s per training step \(mean of steps 2-3", section).group(1)
+        )
+        assert 0 < per_step < 60
+        assert "snapshots written: " in section and " MB weights-only" in section
+        found = re.search(r"the 2 run\(s\) to train.*: ([0-9.]+) CPU-hours of training", section)
+        hours[method] = float(found.group(1))
+        assert hours[method] == pytest.approx(2 * 10 * per_step / 3600, abs=0.006)
+        assert "about 1 job(s) per run" in section
+    total = float(re.search(r"all 4 run\(s\) of the 2 methods: ([0-9.]+) CPU-hours", out).group(1))
+    assert total == pytest.approx(sum(hours.values()), abs=0.011)
     assert out.rstrip().endswith("dry run: nothing submitted") and not grid.exists()
 
 
