@@ -1,6 +1,7 @@
 """script/launch.py and the launcher package without running jobs: grid specs, the runs' configs and
 commands, the sbatch parameters, the local lanes, the checks of a dry run (each bad input a clear error
-before anything is submitted), status on a folder that is not a grid, the weights command."""
+before anything is submitted), status on a folder that is not a grid, the weights command, --measure
+(across two methods; the rest of several methods is in test_launcher_methods.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -20,14 +20,11 @@ from launcher.grid import (
     PAPER_SETTINGS,
     RunSpec,
     parse_grid,
-    parse_methods,
-    parse_plugins,
     parse_with,
     record_submission,
     resolve_runs,
 )
 from models.encoder import PRETRAINED
-from models.methods import method_names
 from tests.run_fixtures import load_script, make_mini_root
 
 NO_SLURM = slurm_available()
@@ -99,78 +96,6 @@ class TestGridSpecs:
             ["resume=True", "n_steps=8"],
             "/x",
         )
-
-
-class TestMethods:
-    """``--method`` and ``--plugin``: every method runs every run of the specs, in a run folder of its own."""
-
-    def test_methods_times_runs(self):
-        parse_plugins([PLUGIN])
-        runs = parse_grid(["abd_mri:1:0,1"], parse_methods(["difd,tiny_proto"]))
-        assert runs == [
-            RunSpec("abd_mri", 1, 0),
-            RunSpec("abd_mri", 1, 1),
-            RunSpec("abd_mri", 1, 0, "tiny_proto"),
-            RunSpec("abd_mri", 1, 1, "tiny_proto"),
-        ]
-        assert parse_methods(None) == ["difd"] and parse_methods(["tiny_proto", "difd"]) == [
-            "tiny_proto",
-            "difd",
-        ]
-        assert str(runs[2]) == "tiny_proto abd_mri:1:0"
-
-    @pytest.mark.parametrize(
-        ("values", "message"),
-        [
-            (
-                ["nope"],
-                r"--method: expected names among difd.*\(comma-separated; .*--plugin FILE\), found 'nope'",
-            ),
-            (["difd,"], "found ''"),
-            (["difd,difd"], "--method: difd is named twice"),
-            (["difd", "difd"], "--method: difd is named twice"),
-        ],
-    )
-    def test_bad_methods_are_refused(self, values, message):
-        with pytest.raises(ValueError, match=message):
-            parse_methods(values)
-
-    def test_the_known_methods_are_listed(self):
-        with pytest.raises(ValueError) as refused:
-            parse_methods(["nope"])
-        assert f"among {', '.join(method_names())} " in str(refused.value)
-
-    def test_configs_and_commands_per_method(self, tmp_path: Path):
-        plugins = parse_plugins([PLUGIN])
-        assert plugins == [PLUGIN]
-        specs = parse_grid(["cmr:1:2"], ["difd", "tiny_proto"])
-        grid, (difd, tiny) = resolve_runs(specs, ["debug", f"path.log_dir={tmp_path}"], plugins)
-        assert (difd.key, tiny.key) == ("CMR_setting1/fold2", "tiny_proto_CMR_setting1/fold2")
-        assert difd.config["method"] == "difd" and tiny.config["method"] == "tiny_proto"
-        assert tiny.config["seed"] == 7 and tiny.config["channels"] == 8  # its own official_script and keys
-        assert "channels" not in difd.config
-        assert "method=tiny_proto" in tiny.train_command(0) and "method=tiny_proto" in tiny.test_command()
-        assert not any(arg.startswith("method=") for arg in difd.train_command(0))  # as before methods
-        assert (
-            f"plugins={[PLUGIN]!r}" in difd.train_command(0)
-            and f"plugins={[PLUGIN]!r}" in tiny.test_command()
-        )
-
-    def test_a_key_of_another_method_names_the_run(self, tmp_path: Path):
-        parse_plugins([PLUGIN])
-        specs = parse_grid(["abd_mri:1:0"], ["tiny_proto", "difd"])
-        with pytest.raises(ValueError, match=r"run difd abd_mri:1:0: .*'channels' \(a key of tiny_proto"):
-            resolve_runs(specs, [f"path.log_dir={tmp_path}", "channels=4"], [PLUGIN])
-
-    def test_bad_plugins_are_refused(self, tmp_path: Path):
-        with pytest.raises(ValueError, match="--plugin nope.py: plugins: method file not found"):
-            parse_plugins(["nope.py"])
-        broken = tmp_path / "broken_method.py"
-        broken.write_text("raise RuntimeError('not a method')\n")
-        with pytest.raises(ValueError, match="importing it failed: RuntimeError: not a method"):
-            parse_plugins([str(broken)])
-        with pytest.raises(ValueError, match="cannot import the method module 'no_such_module'"):
-            parse_plugins(["no_such_module"])
 
 
 class TestRuns:
@@ -307,41 +232,6 @@ class TestDryRun:
             assert "ERR data: SABS fold 2: needs a support and at least one query volume" in err
         assert not grid.exists()
 
-    def test_paper_across_methods(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
-        """The paper's 25 runs for each method, in 50 distinct run folders, the same checks for each."""
-        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_weights"))
-        grid = tmp_path / "grid"
-        argv = ["submit", "--grid", "paper", "--method", "difd,tiny_proto", "--plugin", PLUGIN]
-        assert launch(*argv, "--cluster", "local", "--dry-run", "with", f"path.log_dir={grid}") == 1
-        out, err = capsys.readouterr()
-        assert f"grid folder {grid}: 50 run(s), 50 to run, 0 finished before; method(s) difd (25), " in out
-        folders = [line.split()[1] for line in out.splitlines() if line.startswith("    folder  ")]
-        assert len(folders) == len(set(folders)) == 50
-        assert sum(f.startswith(str(grid / "tiny_proto_")) for f in folders) == 25
-        assert (
-            out.count("ok  resume: starts at step 0") == 50 and out.count("(tiny_proto, CMR, setting 1") == 5
-        )
-        assert "nothing submitted" in err and not grid.exists()
-
-    @pytest.mark.parametrize(
-        ("argv", "message"),
-        [
-            (["--method", "difd,nope"], "--method: expected names among difd.*found 'nope'"),
-            (["--method", "difd,difd"], "--method: difd is named twice"),
-            (["--method", "tiny_proto", "--plugin", "missing_method.py"], "--plugin missing_method.py: "),
-            (["--method", "difd", "with", "method=difd"], "choose it with --method"),
-        ],
-    )
-    def test_bad_methods_submit_nothing(self, argv, message, tmp_path: Path, capsys):
-        """Refused before anything is checked or submitted, also without --dry-run."""
-        argv = [*argv] if "with" in argv else [*argv, "with"]
-        code = launch(
-            "submit", "--grid", "cmr:1:0", "--cluster", "local", *argv, f"path.log_dir={tmp_path / 'g'}"
-        )
-        assert code == 2
-        assert re.search(message, capsys.readouterr().err)
-        assert not (tmp_path / "g").exists()
-
     def test_a_valid_grid_passes(self, mini_root: Path, tmp_path: Path, capsys):
         grid = tmp_path / "grid"
         code = launch(
@@ -397,8 +287,6 @@ class TestDryRun:
         grid = tmp_path / "grid"
         common = ["debug", "supp_idx=0", f"data_root={mini_root}", f"path.log_dir={grid}"]
         _, runs = resolve_runs(parse_grid(["abd_mri:1:0"]), [*common, "n_steps=6"])
-        from launcher.grid import record_submission
-
         record_submission(grid, runs, {"cluster": "local", "host": "x", "submitted": "t", "jobs": {}})
         code = launch("submit", "--grid", "abd_mri:1:0", "--cluster", "local", "--dry-run", "with", *common)
         assert code == 1
@@ -437,41 +325,6 @@ def test_status_of_a_folder_that_is_not_a_grid(tmp_path: Path, capsys):
     (tmp_path / MANIFEST).write_text(json.dumps({"format": "something else"}))
     assert launch("status", str(tmp_path)) == 2
     assert "expected format 'difd-grid/1'" in capsys.readouterr().err
-
-
-def test_status_across_methods(tmp_path: Path, capsys):
-    """A row per run with its method; with several methods a count per method, then the total."""
-    grid = tmp_path / "grid"
-    parse_plugins([PLUGIN])
-    specs = parse_grid(["abd_mri:1:0,1"], ["difd", "tiny_proto"])
-    _, runs = resolve_runs(specs, ["debug", f"path.log_dir={grid}"], [PLUGIN])
-    ended = "999999999"  # a local job whose process is gone
-    jobs = {run.key: ended for run in runs[:3]}
-    record_submission(
-        grid, runs, {"cluster": "local", "host": socket.gethostname(), "submitted": "t", "jobs": jobs}
-    )
-    for run, stage in zip(runs[:3], ("finished", "finished", "failed"), strict=True):
-        run.folder.mkdir(parents=True)
-        state = {"job": ended, "stage": stage, "error": "ValueError: boom", "log": "launch.log"}
-        (run.folder / "launch.json").write_text(json.dumps(state))
-    assert launch("status", str(grid)) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:4] == ["method", "dataset", "setting", "fold"]
-    rows = [line.split()[:5] for line in lines[1:] if not line.startswith(" ")][:4]
-    assert rows == [
-        ["difd", "CHAOST2", "1", "0", "finished"],
-        ["difd", "CHAOST2", "1", "1", "finished"],
-        ["tiny_proto", "CHAOST2", "1", "0", "failed"],
-        ["tiny_proto", "CHAOST2", "1", "1", "not"],
-    ]
-    assert "    ValueError: boom; log launch.log" in lines
-    assert lines[-3:] == [
-        "difd: 2 finished",
-        "tiny_proto: 1 failed, 1 not submitted",
-        "2 finished, 1 failed, 1 not submitted",
-    ]
-    manifest = json.loads((grid / MANIFEST).read_text())
-    assert manifest["runs"]["tiny_proto_CHAOST2_setting1/fold1"]["method"] == "tiny_proto"
 
 
 def test_weights_command(tmp_path: Path, capsys):
