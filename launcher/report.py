@@ -152,6 +152,17 @@ class GroupSummary:
         index = self.table.header.index(name)
         return self.table.rows[-2][index], self.table.rows[-1][index]
 
+    def comparable(self, name: str) -> bool:
+        """Whether this grid's value of ``name`` may be set against a reference: an organ always, the mean
+        only when the runs evaluated the dataset's test classes (a mean over fewer organs is another
+        number)."""
+        from dataloaders.datasets import get_dataset_info
+
+        if name != "mean":
+            return True
+        info = get_dataset_info(self.dataset)
+        return set(self.classes[:-1]) == {info.label_names[label] for label in info.test_labels}
+
     def protocol(self) -> str:
         """The protocol keys of its runs' configs (a set of values where the folds differ)."""
         parts = []
@@ -259,7 +270,9 @@ def report_markdown(sections: list[Section], reference_path: Path) -> str:
                 row = [format_value(v.dice if v else None) for v in known]
                 lines.append(f"| {method}{_tag(values)} | " + " | ".join(row) + " |")
                 differences = [
-                    "–" if v is None or v.dice is None else _signed(group.mean_std(name)[0] - v.dice)
+                    "–"
+                    if v is None or v.dice is None or not group.comparable(name)
+                    else _signed(group.mean_std(name)[0] - v.dice)
                     for name, v in zip(classes, known, strict=True)
                 ]
                 lines.append(f"| difference to {method} | " + " | ".join(differences) + " |")
@@ -274,6 +287,12 @@ def report_markdown(sections: list[Section], reference_path: Path) -> str:
                 lines.append(f"| {method}{_tag(values)}, not run here | " + " | ".join(row) + " |")
         lines += ["", "Protocol of this grid's runs (docs/method.md §5; config of their results):"]
         lines += [f"- {group.method}: {group.protocol()}" for group in section.groups]
+        lines += [
+            f"- {group.method}: its mean is over {', '.join(group.classes[:-1])} only, not the dataset's "
+            "test classes: not compared with a reference mean"
+            for group in section.groups
+            if not group.comparable("mean")
+        ]
         if section.reference:
             lines += [
                 "",
@@ -282,8 +301,9 @@ def report_markdown(sections: list[Section], reference_path: Path) -> str:
         else:
             lines += ["", f"No reference row for {section.title} in {reference_path}."]
         for method, values in section.reference.items():
-            for source in sorted({(v.confidence, v.source, v.protocol) for v in values.values()}):
-                confidence, text, protocol = source
+            # The sources of the values known; for a method with none here, why its cells are empty.
+            cited = [v for v in values.values() if v.dice is not None] or list(values.values())
+            for confidence, text, protocol in sorted({(v.confidence, v.source, v.protocol) for v in cited}):
                 tag = f"[{confidence}] " if confidence else ""
                 said = f"protocol: {protocol}" if protocol else "protocol: not stated by the source"
                 lines.append(f"- {method}: {tag}{text}; {said}")
@@ -315,10 +335,11 @@ def report_csv(sections: list[Section]) -> str:
                 for method in compared:
                     value = section.reference.get(method, {}).get(name)
                     known = value is not None and value.dice is not None
+                    differs = known and group.comparable(name)
                     writer.writerow(
                         [group.method, group.dataset, group.setting, name, len(group.folds),
                          f"{mean:.6f}", f"{std:.6f}", *folds, method,
-                         f"{value.dice:.6f}" if known else "", f"{mean - value.dice:.6f}" if known else "",
+                         f"{value.dice:.6f}" if known else "", f"{mean - value.dice:.6f}" if differs else "",
                          *((value.confidence, value.source, value.protocol) if value else ("", "", ""))]
                     )  # fmt: skip
     return buffer.getvalue()
@@ -353,7 +374,7 @@ def draw_report(sections: list[Section], path: Path) -> Path:
             for method in section.compared(group):
                 values = section.reference[method]
                 known = [(x, values[n].dice) for x, n in zip(centres, section.classes, strict=True)
-                         if n in values and values[n].dice is not None]  # fmt: skip
+                         if n in values and values[n].dice is not None and group.comparable(n)]  # fmt: skip
                 style = ("-", "--", ":", "-.")[marks % 4]
                 marks += 1
                 if known:

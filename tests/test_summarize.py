@@ -270,6 +270,21 @@ class TestReport:
             "20.000000",
         )
 
+    def test_a_mean_over_fewer_organs_is_not_compared(self, tmp_path: Path, capsys):
+        """Runs that evaluated RK only: the organ is set beside the reference, their mean (over RK) is not
+        set beside the reference's mean over four organs."""
+        grid = tmp_path / "runs"
+        _results(
+            grid / "CHAOST2_setting2" / "fold0" / "test" / "1" / "results.json", "CHAOST2", 0, 2, {"RK": 0.5}
+        )
+        assert load_script("script/summarize.py").main([str(grid)]) == 0
+        out = capsys.readouterr().out
+        assert "| Q-Net [B] | 65.94 | 68.59 |" in out and "| difference to Q-Net | −15.94 | – |" in out
+        assert "- difd: its mean is over RK only, not the dataset's test classes: not compared" in out
+        rows = list(csv.DictReader(io.StringIO((grid / "report.csv").read_text())))
+        mean = next(r for r in rows if r["class"] == "mean" and r["reference_method"] == "Q-Net")
+        assert (mean["mean"], mean["reference"], mean["difference"]) == ("50.000000", "68.590000", "")
+
     def test_a_method_twice_in_one_grid_is_refused(self, tmp_path: Path):
         grid = self._grid(tmp_path)
         path = grid / "copy_CHAOST2_setting1" / "fold0" / "test" / "1" / "results.json"
