@@ -9,9 +9,10 @@ folds 0-4) or ``<dataset>[:<settings>[:<folds>]]`` with a dataset named config (
 further ones, as ``train.py``'s ``plugins=``). Every run gets the official schedule of its method (named
 config ``official_script``), then the user's ``with`` arguments (named configs such as ``debug`` and
 ``key=value`` updates), then its own ``method`` (other than the default), ``plugins``, ``eval_fold`` and
-the grid folder as ``path.log_dir``. Its config is resolved by
-the Sacred experiment itself (:func:`config.resolve_config`), so every value is checked as ``train.py``
-would check it, and its run folder is the one ``train.py``/``test.py`` use (:func:`config.run_folder`).
+the grid folder as ``path.log_dir``. Its config is resolved by the Sacred experiment itself
+(:func:`config.resolve_config`), so every value is checked as ``train.py`` would check it (a key of
+another method is refused), and its run folder is the one ``train.py``/``test.py`` use
+(:func:`config.run_folder`: ``[<method>_]<DATASET>_setting<k>/fold<f>``).
 
 The grid folder is the runs' ``path.log_dir``. ``grid.json`` records each run's arguments and resolved
 config and every submission (cluster, options, job ids); a later submission into the same folder must
