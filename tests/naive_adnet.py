@@ -141,3 +141,10 @@ def naive_losses(
         "threshold": threshold,
         "total": query + align + threshold,
     }
+
+
+def naive_training_terms(model: nn.Module, supp: Tensor, masks: Tensor, qry: Tensor, labels: Tensor):
+    """The official training forward and loss terms with the parameters of a fast ``ADNet`` (its
+    ``encoder`` and ``t``): the naive side of ``benchmarks/method_step.py``."""
+    probs, align = naive_forward(model.encoder, model.t, supp, masks, qry, True)
+    return naive_losses(probs, align, model.t, labels)
