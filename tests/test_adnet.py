@@ -164,6 +164,20 @@ def test_bad_inputs_raise():
         model(supp, masks, qry[0])
 
 
+def test_official_script_is_adnets_schedule():
+    from config import ex
+    from train import lr_milestones
+
+    config = ex.run(
+        "print_run_root", config_updates={"method": "adnet"}, named_configs=["official_script"]
+    ).config
+    assert (config["seed"], config["n_steps"], config["lr_step_gamma"]) == (2021, 50000, 0.95)
+    assert config["pretrained_weights"] == "resnet101" and config["loss_weights"] == WEIGHTS
+    # main_train.py: MultiStepLR milestones (ii + 1) * 1000 for ii in range(steps // 1000 - 1).
+    official = [(ii + 1) * 1000 for ii in range(50000 // 1000 - 1)]
+    assert lr_milestones(config["n_steps"], config["max_iters_per_load"]) == official
+
+
 # ---------------------------------------------------------------- the ResNet-101 encoder, official layout
 @pytest.fixture(scope="module")
 def official_tree() -> OfficialTree:
