@@ -143,6 +143,9 @@ def naive_losses(
     of the queries, the alignment loss (averaged over the kept episodes), ``total`` their sum."""
     weight = torch.tensor([0.05, 1.0] if use_wce else [1.0, 1.0], dtype=scores.dtype)
     keep = [i for i in range(scores.shape[0]) if valid[i]]
+    if not keep:  # the official loop skips the batch
+        zero = scores.sum() * 0.0
+        return {"query_ce": zero, "align_ce": zero, "total": zero}
     flat = torch.cat([scores[i, n][None] for n in range(scores.shape[1]) for i in keep])
     labels = torch.cat([qry_labels[i, n][None] for n in range(scores.shape[1]) for i in keep]).long()
     query = F.cross_entropy(flat, labels, weight=weight, ignore_index=255)
