@@ -47,3 +47,4 @@ __all__ = [
 
 # The baselines register after DIFD, the default method, which is listed first.
 import models.adnet  # noqa: E402, F401
+import models.ssl_alpnet  # noqa: E402, F401
