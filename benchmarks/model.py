@@ -1,15 +1,17 @@
-"""Time one DIFD training step and one evaluation slice: naive loop port vs the vectorised model.
+"""Time one training step and one evaluation slice of a method: naive loop port vs the vectorised model.
 
 Usage (from the repository root)::
 
     python -m benchmarks.model --size 128 --device cpu
     python -m benchmarks.model --size 256 --device cuda
+    python -m benchmarks.model --size 128 --device cpu --method gmrd
 
 A training step is forward with prototype alignment, the four loss terms, backward and one SGD step
 (lr 1e-3, momentum 0.9, weight decay 5e-4); an evaluation slice is one query slice in eval mode without
 alignment. Both paths use the same randomly initialised weights (restored before every step) and the same
-episode (1 shot, 1 query, a blob-shaped support mask). Times are medians over ``--repeats`` runs after
-``--warmup`` runs, naive and fast interleaved. Needs only torch and torchvision.
+episode (1 shot, 1 query, a blob-shaped support mask); ``--method``: ``difd`` (its four loss terms) or
+``gmrd`` (descriptor layers sized to ``--size``; its two loss terms). Times are medians over
+``--repeats`` runs after ``--warmup`` runs, naive and fast interleaved. Needs only torch and torchvision.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import warnings
 import torch
 
 from models import DIFDLoss, build_difd
+from models.gmrd import GMRDLoss
+from models.gmrd_builder import build_gmrd
+from tests import naive_gmrd
 from tests.naive_difd import naive_forward, naive_losses
 
 
@@ -50,6 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--method", choices=("difd", "gmrd"), default="difd")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads is not None:
@@ -58,13 +64,18 @@ def main() -> None:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = build_difd().to(device)
+        model = (build_difd() if args.method == "difd" else build_gmrd(mlp_size=args.size)).to(device)
     initial = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    loss_fn = DIFDLoss().to(device)
+    loss_fn = (DIFDLoss() if args.method == "difd" else GMRDLoss()).to(device)
     supp, masks, qry, labels = episode(args.size, device)
 
     def train_naive() -> None:
+        if args.method == "gmrd":
+            sample = naive_gmrd.random_sampler()
+            probs, align, _ = naive_gmrd.naive_forward(model, supp, masks, qry, True, sample)
+            (naive_gmrd.naive_query_loss(probs, labels[:, 0]) + align).backward()
+            return
         qp, sp = naive_forward(model, supp, masks, qry, align=True)
         naive_losses(qp, sp, labels, masks)["total"].backward()
 
@@ -72,6 +83,9 @@ def main() -> None:
         loss_fn(model(supp, masks, qry, align=True), labels, masks)["total"].backward()
 
     def eval_naive() -> None:
+        if args.method == "gmrd":
+            naive_gmrd.naive_forward(model, supp, masks, qry, False, naive_gmrd.random_sampler())
+            return
         naive_forward(model, supp, masks, qry, align=False)
 
     def eval_fast() -> None:
@@ -115,7 +129,8 @@ def main() -> None:
         else f"cpu ({torch.get_num_threads()} threads)"
     )
     print(
-        f"DIFD benchmark: {args.size}x{args.size}, 1 shot, 1 query, device {name}, torch {torch.__version__}"
+        f"{args.method.upper()} benchmark: {args.size}x{args.size}, 1 shot, 1 query, device {name}, "
+        f"torch {torch.__version__}"
     )
     print(f"median of {args.repeats} runs after {args.warmup} warm-up(s), milliseconds")
     for what in ("train", "eval"):

@@ -131,20 +131,23 @@ def base_config():
     )
 
 
-def method_defaults(method: str, plugins: list[str] | None) -> dict[str, Any]:
+def method_defaults(
+    method: str, plugins: list[str] | None, base: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The keys of ``method`` at their defaults (``{}`` for an unknown method: the config hook names the
-    known ones), after importing the ``plugins`` that register further methods."""
+    known ones), after importing the ``plugins`` that register further methods; ``base``: the base
+    config's values that an option may follow (:class:`models.Option`)."""
     load_plugins(plugins)
-    return get_method(method).defaults() if method in method_names() else {}
+    return get_method(method).defaults(base) if method in method_names() else {}
 
 
 @ex.config
-def method_config(method, plugins, schedule):
+def method_config(method, plugins, schedule, image_size, dataset):
     """The chosen method's own keys (its ``options`` and ``loss_weights``, models/<method>): they exist
     only when that method is chosen, so that another method's key is refused by name; with
     ``schedule='official'`` (named config ``official_script``) the method's official schedule and
     evaluation settings, under every value given with ``with`` (Sacred keeps those fixed)."""
-    locals().update(method_defaults(method, plugins))
+    locals().update(method_defaults(method, plugins, {"image_size": image_size, "dataset": dataset}))
     if schedule == "official" and method in method_names():
         locals().update(get_method(method).official_script)
 

@@ -8,6 +8,7 @@ this package registers the built-in methods. Nothing here imports from outside t
 
 from models.builder import DIFD_METHOD, build_difd
 from models.difd import DIFD, DIFDOutput, EncodedSupport
+from models.gmrd_builder import GMRD_METHOD  # noqa: F401  (registers method=gmrd)
 from models.loading import checkpoint_method, load_model
 from models.losses import DIFDLoss
 from models.methods import (

@@ -70,13 +70,16 @@ class FewShotOutput:
 @dataclass(frozen=True)
 class Option:
     """One config key of a method: its default, what values it takes (``check``, described by
-    ``expected`` in errors), and which commands read it (``'train'``, ``'test'``)."""
+    ``expected`` in errors), and which commands read it (``'train'``, ``'test'``). ``follows``, when given,
+    makes the config default a function of the base config's ``image_size`` and ``dataset`` (e.g. a layer
+    width tied to the slice size); ``default`` stays the default of a file that records none."""
 
     default: Any
     check: Callable[[Any], bool]
     expected: str
     doc: str
     used_by: tuple[str, ...] = ("train", "test")
+    follows: Callable[[Mapping[str, Any]], Any] | None = None
 
     @classmethod
     def choice(cls, default: Any, choices: Iterable[Any], doc: str, **kw: Any) -> Option:
@@ -139,9 +142,14 @@ class Method:
         """The logged loss terms, in order, ``total`` last."""
         return (*self.loss_weights, "total")
 
-    def defaults(self) -> dict[str, Any]:
-        """The method's config keys with their defaults (``loss_weights`` included)."""
-        return {"loss_weights": dict(self.loss_weights)} | {k: o.default for k, o in self.options.items()}
+    def defaults(self, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The method's config keys with their defaults (``loss_weights`` included); with ``base`` (the base
+        config's ``image_size`` and ``dataset``), an option that ``follows`` it takes the value it gives."""
+
+        def default(option: Option) -> Any:
+            return option.follows(base) if base is not None and option.follows else option.default
+
+        return {"loss_weights": dict(self.loss_weights)} | {k: default(o) for k, o in self.options.items()}
 
     def options_of(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """This method's options as ``config`` holds them (missing ones at their defaults)."""
