@@ -10,8 +10,13 @@ Example (the shared CHAOST2 copy; liver and spleen of case 1 segmented in cases 
                 ../shared/data/CHAOST2/chaos_MR_T2_normalized/image_3.nii.gz --out seg_out
 
 Scans: NIfTI (``.nii``, ``.nii.gz``), any 3-D file SimpleITK reads (``.nrrd``, ``.mha``, ...) or a DICOM
-series folder (``--series UID`` picks one where a folder holds several). For each query ``Q`` it writes
+series folder (``--series UID`` picks one where a folder holds several; missing, duplicated or unevenly
+spaced slices are refused). The support label: a label map on the support's grid or a voxel-aligned part
+of it, or a 3D Slicer segmentation (``.seg.nrrd``; ``--label`` then names segments, or gives their
+values). For each query ``Q`` it writes
 ``OUT/<Q>.nii.gz`` (the ``--label`` values, 0 elsewhere, on exactly the query's voxel grid),
+``OUT/<Q>.seg.nrrd`` (the same map as a 3D Slicer segmentation: one named, coloured segment per organ),
+for a DICOM query ``OUT/<Q>_seg.dcm`` (a DICOM SEG referencing the source series, for PACS viewers),
 ``OUT/<Q>_overlays/`` (axial PNGs per organ, radiological orientation) and, last, ``OUT/report.json``
 (per query and organ: voxels, mL, slice range, support slices used; checkpoint path and SHA-256, preset,
 timings); a run that stops early leaves no report.json. Every file is written under a temporary name and
@@ -27,20 +32,23 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from dataloaders import Volume
-from inference.outputs import write_json, write_label_map, write_overlays
+from inference.dicom import series_files, write_dicom_seg
+from inference.outputs import palette_rgb, write_json, write_label_map, write_overlays
 from inference.prediction import DEFAULT_BATCH_SIZE
 from inference.presets import PRESETS
 from inference.scans import (
-    check_labels,
     check_query,
     check_slice_axis,
     check_support,
     read_scan,
+    read_support_label,
     scan_name,
 )
+from inference.segmentations import SEG_SUFFIX, write_seg_nrrd
 from inference.segmenter import Segmenter
 from models import load_plugins
 
@@ -79,9 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--support-image", required=True, type=Path, help="support scan (file or DICOM folder)"
     )
-    parser.add_argument("--support-label", required=True, type=Path, help="its label map, on the same grid")
     parser.add_argument(
-        "--label", required=True, type=int, action="append", help="label value to segment (repeat for more)"
+        "--support-label",
+        required=True,
+        type=Path,
+        help="its label map (on its grid or a voxel-aligned part of it), or a 3D Slicer .seg.nrrd",
+    )
+    parser.add_argument(
+        "--label",
+        required=True,
+        action="append",
+        help="label value to segment, or a segment's name in a .seg.nrrd (repeat for more)",
     )
     parser.add_argument("--query", required=True, type=Path, nargs="+", help="scans to segment")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -123,8 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def output_paths(queries: Sequence[Path], out: Path) -> dict[Path, tuple[str, Path, Path]]:
-    """Per query: its name, label map path and overlay folder; two queries of one name are an error."""
+@dataclass(frozen=True)
+class QueryOutputs:
+    """The files of one query ``Q`` in the output folder (module docstring)."""
+
+    name: str
+    label_map: Path
+    segmentation: Path
+    overlays: Path
+    dicom_seg: Path | None
+
+    def files(self) -> list[Path]:
+        dicom = [self.dicom_seg] if self.dicom_seg else []
+        return [self.label_map, self.segmentation, self.overlays, *dicom]
+
+
+def output_paths(queries: Sequence[Path], out: Path) -> dict[Path, QueryOutputs]:
+    """Per query its output files (a DICOM SEG for a DICOM folder only); two queries of one name are an
+    error."""
     paths, seen = {}, {}
     for query in queries:
         name = scan_name(query)
@@ -133,7 +165,13 @@ def output_paths(queries: Sequence[Path], out: Path) -> dict[Path, tuple[str, Pa
                 f"queries {seen[name]} and {query} would both write {out / name}.nii.gz; rename one"
             )
         seen[name] = query
-        paths[query] = (name, out / f"{name}.nii.gz", out / f"{name}_overlays")
+        paths[query] = QueryOutputs(
+            name,
+            out / f"{name}.nii.gz",
+            out / f"{name}{SEG_SUFFIX}",
+            out / f"{name}_overlays",
+            out / f"{name}_seg.dcm" if query.is_dir() else None,
+        )
     return paths
 
 
@@ -141,10 +179,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Run the command; returns the path of report.json. Bad input raises before anything is written."""
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    labels = check_labels(args.label)
     outputs = output_paths(args.query, args.out)
     report_path = args.out / "report.json"
-    existing = [p for _, *files in outputs.values() for p in files if p.exists()]
+    existing = [p for files in outputs.values() for p in files.files() if p.exists()]
     existing += [report_path] if report_path.exists() else []
     if existing and not args.overwrite:
         raise FileExistsError(
@@ -161,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     series = tuple(args.series)
     sources = (str(args.support_image), str(args.support_label))
     support_image = read_scan(args.support_image, series)
-    support_label = read_scan(args.support_label, series, constant_ok=True)
-    check_support(support_image, support_label, labels, sources)
+    support_label, labels = read_support_label(args.support_label, args.label, series)
+    support_label = check_support(support_image, support_label, labels, sources)
     # Each query is read here to check it and again later to segment it, so that memory holds one at a time.
     directions = {}
     for query, query_range in zip(args.query, ranges, strict=True):
@@ -185,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for query, query_range in zip(args.query, ranges, strict=True):
         layout = segmenter.preset.layout(directions[query], not args.keep_orientation)
         check_slice_axis(query_range, layout, query)
+    checkpoint_id = (args.checkpoint.name, segmenter.checkpoint.sha256)
+    names = {v: support_label.names.get(v, f"label {v}") for v in labels}
+    colours = {v: support_label.colours.get(v, palette_rgb(i)) for i, v in enumerate(labels)}
     support = segmenter.prepare_support(
         support_image, support_label, labels, reorient=not args.keep_orientation, sources=sources
     )
@@ -205,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "image": str(args.support_image),
             "label": str(args.support_label),
             "organs": {
-                str(value): {"slices": organ.source_slices, "labelled_slices": organ.n_labelled}
+                str(value): {
+                    "name": names[value],
+                    "slices": organ.source_slices,
+                    "labelled_slices": organ.n_labelled,
+                }
                 for value, organ in support.organs.items()
             },
         },
@@ -213,20 +257,29 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "timings_s": {"load_model": load_seconds, "support": support.seconds},
     }
     for query, query_range in zip(args.query, ranges, strict=True):
-        name, map_path, overlay_dir = outputs[query]
+        files = outputs[query]
         clock = time.perf_counter()
         scan = read_scan(query, series)
         read_seconds = time.perf_counter() - clock
         result = segmenter.segment_volume(support, scan, query_range, not args.keep_orientation, str(query))
         clock = time.perf_counter()
         label_map = Volume(result.label_map, result.geometry)
-        write_label_map(label_map, map_path)
-        overlays = write_overlays(scan, label_map, labels, overlay_dir)
+        write_label_map(label_map, files.label_map)
+        write_seg_nrrd(label_map, labels, names, colours, files.segmentation)
+        overlays = write_overlays(scan, label_map, labels, files.overlays)
+        if files.dicom_seg is not None:
+            sources = series_files(query, series)  # the order the scan was read in: slice k = file k
+            write_dicom_seg(label_map, labels, names, sources, checkpoint_id, files.dicom_seg)
+        else:
+            print(f"{files.name}: not a DICOM series, so no DICOM SEG (NIfTI and .seg.nrrd written)")
         write_seconds = time.perf_counter() - clock
+        name = files.name
         report["queries"][name] = {
             "input": str(query),
-            "label_map": str(map_path),
-            "overlays": [str(overlay_dir / f) for f in overlays],
+            "label_map": str(files.label_map),
+            "segmentation": str(files.segmentation),
+            "dicom_seg": None if files.dicom_seg is None else str(files.dicom_seg),
+            "overlays": [str(files.overlays / f) for f in overlays],
             "shape_zyx": list(scan.shape),
             "spacing_xyz": list(scan.geometry.spacing),
             "voxel_ml": scan.voxel_ml,
@@ -235,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "timings_s": {"read": read_seconds, **result.timings, "write": write_seconds},
         }
         found = ", ".join(f"{v}: {e['volume_ml']:.1f} mL" for v, e in result.organs.items())
-        print(f"{name}: {found} -> {map_path}", flush=True)
+        print(f"{name}: {found} -> {files.label_map}, {files.segmentation.name}", flush=True)
     report["timings_s"]["total"] = time.perf_counter() - started
     write_json(report, report_path)
     print(f"report: {report_path}", flush=True)

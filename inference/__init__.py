@@ -5,13 +5,15 @@ run by :class:`~inference.segmenter.Segmenter`; :mod:`~inference.outputs` writes
 
 ``segment(checkpoint, support_image, support_label, labels, queries)`` takes SimpleITK images or
 :class:`Volume` objects (a ``(Z, H, W)`` array with its geometry) and returns, per query, the label map on the
-query's own grid and its per-organ figures. Needs SimpleITK.
+query's own grid and its per-organ figures; the support label may be a :class:`SupportLabel` (a 3D Slicer
+segmentation's segments, :func:`read_support_label`). Needs SimpleITK.
 """
 
 from dataloaders import AxisMap, Volume
 from inference.label_maps import Segmentation
 from inference.presets import PRESETS, Preset, get_preset
-from inference.scans import read_scan
+from inference.scans import read_scan, read_support_label
+from inference.segmentations import SupportLabel
 from inference.segmenter import CheckpointInfo, Segmenter, segment
 
 __all__ = [
@@ -21,8 +23,10 @@ __all__ = [
     "Preset",
     "Segmentation",
     "Segmenter",
+    "SupportLabel",
     "Volume",
     "get_preset",
     "read_scan",
+    "read_support_label",
     "segment",
 ]

@@ -21,6 +21,7 @@ import numpy as np
 
 from dataloaders import AxisMap, Geometry, Volume, normalize_volume, resize_slices
 from inference.presets import Preset, sitk
+from inference.segmentations import SupportLabel
 
 
 def _model_geometry(frame: sitk.Image, size: tuple[int, int]) -> Geometry:
@@ -92,22 +93,28 @@ def to_model_frame(
 
 def support_to_model_frame(
     image: Volume,
-    label: Volume,
-    labels: list[int],
+    label: SupportLabel,
     preset: Preset,
     image_size: int | None,
     axis_map: AxisMap,
     source: str | os.PathLike = "<support>",
-) -> tuple[ModelFrame, np.ndarray]:
-    """The support image in the model's frame (:func:`to_model_frame`) and its label map through the label
-    side of the steps (per-value resampling, crop/pad with 0), at the crop size: ``(Z', H', W')`` uint8 with
-    the requested ``labels`` as 1..n (so any integer values, CMR's 500, ..., fit the uint8 label steps)."""
+) -> tuple[ModelFrame, dict[int, np.ndarray]]:
+    """The support image in the model's frame (:func:`to_model_frame`) and each organ's mask through the
+    label side of the steps (per-value resampling, crop/pad with 0), at the crop size: ``{value: (Z', H',
+    W') bool}``. Each layer of the label goes through the steps once, its requested organs numbered 1..n
+    (so any integer values, CMR's 500, ..., fit the uint8 label steps)."""
     frame = to_model_frame(image, preset, image_size, axis_map, source)
-    remapped = np.zeros(label.shape, dtype=np.uint8)
-    for index, value in enumerate(labels, start=1):
-        remapped[label.array == value] = index
-    steps = preset.label_steps(frame.axis_map.apply(Volume(remapped, label.geometry)).to_sitk())
-    return frame, sitk.GetArrayFromImage(steps)
+    masks = {}
+    for layer in sorted({layer for layer, _ in label.organs.values()}):
+        stored = label.layers[layer]
+        remapped = np.zeros(stored.shape, dtype=np.uint8)
+        here = [(i, v) for i, (v, (lay, _)) in enumerate(label.organs.items(), start=1) if lay == layer]
+        for index, value in here:
+            remapped[stored == label.organs[value][1]] = index
+        steps = preset.label_steps(frame.axis_map.apply(Volume(remapped, label.geometry)).to_sitk())
+        array = sitk.GetArrayFromImage(steps)
+        masks.update({value: array == index for index, value in here})
+    return frame, {value: masks[value] for value in label.organs}
 
 
 def masks_at_size(masks: np.ndarray, image_size: int | None) -> np.ndarray:

@@ -31,6 +31,12 @@ OVERLAY_SIDE = 512
 FILL_ALPHA = 0.35
 
 
+def palette_rgb(index: int) -> tuple[float, float, float]:
+    """The overlay colour of the ``index``-th requested label as RGB in [0, 1] (for segmentation files)."""
+    blue, green, red = PALETTE[index % len(PALETTE)]
+    return (red / 255, green / 255, blue / 255)
+
+
 def write_label_map(volume: Volume, path: Path) -> Path:
     """Write a label map as NIfTI with its geometry (:func:`dataloaders.nifti.write_volume`)."""
     return write_volume(volume.array, volume.geometry, path)

@@ -126,20 +126,18 @@ class PreparedSupport:
 def encode_support(
     runner: ModelRunner,
     frame: ModelFrame,
-    label_frame: np.ndarray,
-    labels: list[int],
+    label_masks: dict[int, np.ndarray],
     n_part: int,
     image_size: int | None,
     label_source: str,
 ) -> dict[int, SupportOrgan]:
     """Choose and encode each organ's ``n_part`` support slices (module docstring).
 
-    ``label_frame (Z', H', W')``: the support label in the model frame with ``labels`` as 1..n
+    ``label_masks[value] (Z', H', W')``: each organ's support mask in the model frame
     (:func:`inference.frames.support_to_model_frame`); ``label_source`` names the label in errors.
     """
     organs = {}
-    for index, value in enumerate(labels, start=1):
-        mask = label_frame == index
+    for value, mask in label_masks.items():
         labelled = np.flatnonzero(mask.any(axis=(1, 2)))
         if labelled.size == 0:
             raise ValueError(

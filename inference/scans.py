@@ -4,7 +4,8 @@ and every check of what a user gives (scans, label values, the support pair, que
 
 :func:`read_scan` reads NIfTI through :func:`dataloaders.nifti.read_volume` (so every check of the project's
 NIfTI reader applies), any other 3-D format SimpleITK reads (``.nrrd``, ``.mha``, ...) through SimpleITK,
-and a folder as a DICOM series; every scan read passes :func:`check_scan`.
+and a folder as a DICOM series (:func:`inference.dicom.read_series`: its slices checked and sorted); every
+scan read passes :func:`check_scan`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import numpy as np
 
 from dataloaders import AxisMap, Volume, check_finite, read_volume
 from dataloaders.volume import require_simpleitk
+from inference.dicom import read_series
+from inference.segmentations import SEG_SUFFIX, SupportLabel, is_seg_nrrd, place_on_grid, read_seg_nrrd
 
 sitk = require_simpleitk("segment.py (inference)")
 
 #: File names read through dataloaders.nifti.read_volume.
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-#: DICOM tag of the series description, shown when a folder holds several series.
-_SERIES_DESCRIPTION_TAG = "0008|103e"
 
 
 def check_scan(volume: Volume, source: str | os.PathLike, constant_ok: bool = False) -> Volume:
@@ -42,48 +43,6 @@ def check_scan(volume: Volume, source: str | os.PathLike, constant_ok: bool = Fa
     return volume
 
 
-def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
-    """The DICOM series of ``folder``: ``{series instance UID: sorted file names}`` (GDCM's order)."""
-    folder = str(folder)
-    reader = sitk.ImageSeriesReader
-    return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in reader.GetGDCMSeriesIDs(folder)}
-
-
-def _series_description(path: str) -> str:
-    header = sitk.ImageFileReader()
-    header.SetFileName(path)
-    header.ReadImageInformation()
-    if header.HasMetaDataKey(_SERIES_DESCRIPTION_TAG):
-        return header.GetMetaData(_SERIES_DESCRIPTION_TAG).strip()
-    return ""
-
-
-def read_dicom_series(folder: Path, series: tuple[str, ...] = ()) -> sitk.Image:
-    """Read the one DICOM series of ``folder``, or the one whose UID is among ``series``.
-
-    Raises:
-        FileNotFoundError: the folder holds no DICOM series.
-        ValueError: several series and none (or several) of them chosen by ``series``; the message lists
-            every series with its UID, file count and description.
-    """
-    found = dicom_series(folder)
-    if not found:
-        raise FileNotFoundError(f"{folder}: expected a DICOM series in this folder, found none")
-    chosen = [uid for uid in found if uid in series] if len(found) > 1 else list(found)
-    if len(chosen) != 1:
-        listing = "; ".join(
-            f"{uid} ({len(files)} files, {_series_description(files[0])!r})" for uid, files in found.items()
-        )
-        asked = f"--series {list(series)} matches {len(chosen)} of them" if series else "choose one"
-        raise ValueError(f"{folder}: holds {len(found)} DICOM series ({asked} with --series UID): {listing}")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(found[chosen[0]])
-    try:
-        return reader.Execute()
-    except RuntimeError as err:
-        raise ValueError(f"cannot read the DICOM series {chosen[0]} of {folder}: {_last_line(err)}") from err
-
-
 def _last_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[-1] if text else type(err).__name__
@@ -99,7 +58,7 @@ def read_scan(path: str | os.PathLike, series: tuple[str, ...] = (), constant_ok
     """
     path = Path(path)
     if path.is_dir():
-        volume = Volume.from_sitk(read_dicom_series(path, tuple(series)), path)
+        volume = Volume.from_sitk(read_series(path, tuple(series)), path)
     elif not path.is_file():
         raise FileNotFoundError(f"scan not found: {path}")
     elif path.name.endswith(NIFTI_SUFFIXES):
@@ -116,7 +75,7 @@ def read_scan(path: str | os.PathLike, series: tuple[str, ...] = (), constant_ok
 def scan_name(path: str | os.PathLike) -> str:
     """Output name of a scan: the file name without its image suffix, or the DICOM folder's name."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+    for suffix in (".nii.gz", ".nii", SEG_SUFFIX, ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -132,19 +91,24 @@ def check_labels(labels: Sequence[int]) -> list[int]:
     return [int(v) for v in labels]
 
 
-def check_support(image: Volume, label: Volume, labels: Sequence[int], sources: tuple[str, str]) -> list[int]:
-    """Support image and label: scans (:func:`check_scan`; the label may be constant) on one grid, the label
-    integer-valued and holding every requested value (:func:`check_labels`). Returns the labels as ints;
-    ``sources`` name the image and the label in errors."""
+def check_support(
+    image: Volume, label: Volume | SupportLabel, labels: Sequence[int], sources: tuple[str, str]
+) -> SupportLabel:
+    """Support image and label: scans (:func:`check_scan`; the label may be constant), the label on the
+    image's grid or a voxel-aligned part of it (:func:`~inference.segmentations.place_on_grid`), a label
+    map integer-valued and holding every requested value (:func:`check_labels`), a Slicer segmentation's
+    chosen segments not empty. Returns the label on the image's grid; ``sources`` name the image and the
+    label in errors."""
     image_source, label_source = sources
-    labels = check_labels(labels)
     check_scan(image, image_source)
+    if isinstance(label, SupportLabel):
+        support = place_on_grid(label, image, sources)
+        empty = [support.names.get(v, v) for v in support.labels if not support.mask(v).any()]
+        if empty:
+            raise ValueError(f"{label_source}: segment(s) {empty} hold no voxel")
+        return support
+    labels = check_labels(labels)
     check_scan(label, label_source, constant_ok=True)
-    if not image.same_grid(label):
-        raise ValueError(
-            f"support image and label are on different grids: {image_source} has {image.describe()}; "
-            f"{label_source} has {label.describe()}"
-        )
     values = np.unique(label.array)
     if not np.array_equal(values, np.rint(values)):
         raise ValueError(
@@ -157,7 +121,28 @@ def check_support(image: Volume, label: Volume, labels: Sequence[int], sources: 
             f"{label_source}: label value(s) {absent} not found; the support label holds "
             f"{[int(v) for v in values if v != 0]} (and 0)"
         )
-    return labels
+    return place_on_grid(SupportLabel.from_label_map(label, labels), image, sources)
+
+
+def read_support_label(
+    path: str | os.PathLike, selectors: Sequence[str], series: tuple[str, ...] = ()
+) -> tuple[Volume | SupportLabel, list[int]]:
+    """The support label of ``segment.py``: a Slicer ``.seg.nrrd`` (its segments chosen by name or label
+    value, :func:`~inference.segmentations.read_seg_nrrd`) or a label map (:func:`read_scan`; label values
+    only). Returns it with the organs' label values."""
+    path = Path(path)
+    if is_seg_nrrd(path):
+        if not path.is_file():
+            raise FileNotFoundError(f"scan not found: {path}")
+        support = read_seg_nrrd(path, [str(s) for s in selectors])
+        return support, support.labels
+    names = [s for s in selectors if not str(s).lstrip("-").isdigit()]
+    if names:
+        raise ValueError(
+            f"--label {names[0]!r}: segment names need a Slicer segmentation ({SEG_SUFFIX}); {path} is a "
+            "label map, so give label values"
+        )
+    return read_scan(path, series, constant_ok=True), check_labels([int(s) for s in selectors])
 
 
 def check_query(

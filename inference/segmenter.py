@@ -33,6 +33,7 @@ from engine.runtime import apply_memory_format, check_precision
 from inference.label_maps import Segmentation
 from inference.prediction import DEFAULT_BATCH_SIZE, ModelRunner, PreparedSupport
 from inference.presets import DATASET_PRESETS, Preset, get_preset, sitk
+from inference.segmentations import SupportLabel
 from models import load_model
 from utils import resolve_device
 
@@ -163,26 +164,28 @@ class Segmenter:
     def prepare_support(
         self,
         image: Volume,
-        label: Volume,
+        label: Volume | SupportLabel,
         labels: Sequence[int],
         reorient: bool = True,
         sources: tuple[str, str] = ("support image", "support label"),
     ) -> PreparedSupport:
         """Check the support, bring it into the model's frame and encode ``n_part`` slices per organ
-        (:func:`inference.prediction.encode_support`). ``sources`` name the image and the label in errors."""
+        (:func:`inference.prediction.encode_support`). ``label``: a label map on the image's grid or a
+        voxel-aligned part of it, or a :class:`~inference.segmentations.SupportLabel` (a Slicer
+        segmentation's segments; ``labels`` is then unused). ``sources`` name the image and the label in
+        errors."""
         start = time.perf_counter()
-        labels = scans.check_support(image, label, labels, sources)
-        frame, label_frame = frames.support_to_model_frame(
+        label = scans.check_support(image, label, labels, sources)
+        frame, label_masks = frames.support_to_model_frame(
             image,
             label,
-            labels,
             self.preset,
             self.image_size,
             self.preset.layout(image.geometry.direction, reorient),
             sources[0],
         )
         organs = prediction.encode_support(
-            self.runner, frame, label_frame, labels, self.n_part, self.image_size, sources[1]
+            self.runner, frame, label_masks, self.n_part, self.image_size, sources[1]
         )
         return PreparedSupport(organs, time.perf_counter() - start)
 
@@ -216,7 +219,7 @@ class Segmenter:
     def segment(
         self,
         support_image: sitk.Image | Volume,
-        support_label: sitk.Image | Volume,
+        support_label: sitk.Image | Volume | SupportLabel,
         labels: Sequence[int],
         queries: Sequence[sitk.Image | Volume],
         query_ranges: Sequence[tuple[int, int] | None] | None = None,
@@ -234,9 +237,11 @@ class Segmenter:
             raise ValueError(
                 f"query_ranges: expected {len(queries)} entries (one per query), got {len(query_ranges)}"
             )
+        if not isinstance(support_label, SupportLabel):
+            support_label = scans.as_volume(support_label, "support label")
         support = self.prepare_support(
             scans.as_volume(support_image, "support image"),
-            scans.as_volume(support_label, "support label"),
+            support_label,
             labels,
             reorient,
         )

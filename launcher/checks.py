@@ -236,7 +236,7 @@ def slurm_finding(grid: Path, todo: Sequence[Run], resources: Resources) -> Find
     reason = slurm_available()
     if reason is not None:
         return Finding("SLURM", False, reason)
-    executor = slurm_executor(grid, resources, todo[0].config["num_workers"], len(todo))
+    executor = slurm_executor(grid, resources, max(run.config["num_workers"] for run in todo), len(todo))
     try:
         return Finding("SLURM", True, sbatch_verdict(sbatch_script(executor, len(todo))))
     except ValueError as err:

@@ -4,11 +4,15 @@ folder's manifest ``grid.json``.
 A spec is ``paper`` (the paper's 25 runs: Abd-MRI and Abd-CT in Settings 1 and 2, Card-MRI in Setting 1,
 folds 0-4) or ``<dataset>[:<settings>[:<folds>]]`` with a dataset named config (``abd_mri``, ``abd_ct``,
 ``cmr``), settings ``1``, ``2`` or ``1,2`` (default: the paper's settings of that dataset) and folds such as
-``0,3`` or ``0-4`` (default: all five). Every run gets the official schedule (named config
-``official_script``), then the user's ``with`` arguments (named configs such as ``debug`` and ``key=value``
-updates), then its own ``eval_fold`` and the grid folder as ``path.log_dir``. Its config is resolved by
-the Sacred experiment itself (:func:`config.resolve_config`), so every value is checked as ``train.py``
-would check it, and its run folder is the one ``train.py``/``test.py`` use (:func:`config.run_folder`).
+``0,3`` or ``0-4`` (default: all five). Each run of the specs is run by every method of ``--method``
+(:func:`parse_methods`: registered names, ``difd`` by default; ``--plugin`` files or modules register
+further ones, as ``train.py``'s ``plugins=``). Every run gets the official schedule of its method (named
+config ``official_script``), then the user's ``with`` arguments (named configs such as ``debug`` and
+``key=value`` updates), then its own ``method`` (other than the default), ``plugins``, ``eval_fold`` and
+the grid folder as ``path.log_dir``. Its config is resolved by the Sacred experiment itself
+(:func:`config.resolve_config`), so every value is checked as ``train.py`` would check it (a key of
+another method is refused), and its run folder is the one ``train.py``/``test.py`` use
+(:func:`config.run_folder`: ``[<method>_]<DATASET>_setting<k>/fold<f>``).
 
 The grid folder is the runs' ``path.log_dir``. ``grid.json`` records each run's arguments and resolved
 config and every submission (cluster, options, job ids); a later submission into the same folder must
@@ -30,6 +34,7 @@ from sacred.arg_parser import get_config_updates
 
 from config import resolve_config, resume_differences, run_folder
 from dataloaders.datasets import N_FOLDS
+from models.methods import DEFAULT_METHOD, load_plugins, method_names
 from utils import write_atomically
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +45,18 @@ SETTINGS = (1, 2)
 SCHEDULE = "official_script"
 MANIFEST = "grid.json"
 MANIFEST_FORMAT = "difd-grid/1"
-#: Keys the grid sets for each run; a ``with`` update of one is refused (``resume=True`` is allowed).
-GRID_KEYS = ("dataset", "setting", "eval_fold", "exp_str", "mode", "resume")
+#: Keys the grid sets for each run, and the option that chooses them; a ``with`` update of one is refused
+#: (``resume=True`` is allowed).
+GRID_KEYS = {
+    "dataset": "--grid",
+    "setting": "--grid",
+    "eval_fold": "--grid",
+    "exp_str": "--grid",
+    "mode": "--grid",
+    "resume": "--grid",
+    "method": "--method",
+    "plugins": "--plugin",
+}
 
 
 class NotAGrid(ValueError):
@@ -50,14 +65,15 @@ class NotAGrid(ValueError):
 
 @dataclass(frozen=True, order=True)
 class RunSpec:
-    """One run of a grid: dataset named config, setting and fold."""
+    """One run of a grid: dataset named config, setting, fold and method."""
 
     dataset_config: str
     setting: int
     fold: int
+    method: str = DEFAULT_METHOD
 
     def __str__(self) -> str:
-        return f"{self.dataset_config}:{self.setting}:{self.fold}"
+        return f"{self.method} {self.dataset_config}:{self.setting}:{self.fold}"
 
 
 def _numbers(text: str, what: str, allowed: Sequence[int], spec: str) -> list[int]:
@@ -77,9 +93,43 @@ def _numbers(text: str, what: str, allowed: Sequence[int], spec: str) -> list[in
     return values
 
 
-def parse_grid(specs: Sequence[str]) -> list[RunSpec]:
-    """The runs of ``--grid`` specs, in order (see the module docstring); a run named twice, an unknown
-    dataset, setting or fold is a ``ValueError`` saying what was expected."""
+def parse_plugins(plugins: Sequence[str]) -> list[str]:
+    """``--plugin`` entries as ``train.py``'s ``plugins=`` takes them (a ``.py`` file as an absolute path,
+    so that a job finds it from any folder), each imported here: a file that is missing or fails to import
+    is a ``ValueError`` naming it."""
+    entries = [str(Path(p).expanduser().resolve()) if p.endswith(".py") else p for p in plugins]
+    for given, entry in zip(plugins, entries, strict=True):
+        try:
+            load_plugins([entry])
+        except ValueError as err:
+            raise ValueError(f"--plugin {given}: {err}") from err
+        except Exception as err:  # the user's own code: said in one line, not as a traceback
+            raise ValueError(f"--plugin {given}: importing it failed: {type(err).__name__}: {err}") from err
+    return entries
+
+
+def parse_methods(values: Sequence[str] | None) -> list[str]:
+    """The methods of ``--method`` (comma-separated names, the option repeatable; ``difd`` when absent),
+    in order, each registered (after :func:`parse_plugins`); an unknown name (the known ones listed), an
+    empty one or a name given twice is a ``ValueError``."""
+    names = [name.strip() for value in (values or [DEFAULT_METHOD]) for name in value.split(",")]
+    known = method_names()
+    for name in names:
+        if name not in known:
+            raise ValueError(
+                f"--method: expected names among {', '.join(known)} (comma-separated; a method of your own "
+                f"with --plugin FILE), found {name!r}"
+            )
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"--method: {', '.join(twice)} is named twice")
+    return names
+
+
+def parse_grid(specs: Sequence[str], methods: Sequence[str] = (DEFAULT_METHOD,)) -> list[RunSpec]:
+    """The runs of ``--grid`` specs for each of ``methods`` (method by method, each in the specs' order;
+    see the module docstring); a run named twice, an unknown dataset, setting or fold is a ``ValueError``
+    saying what was expected."""
     if not specs:
         raise ValueError("--grid: expected 'paper' or <dataset>[:<settings>[:<folds>]], found nothing")
     runs: list[RunSpec] = []
@@ -109,14 +159,14 @@ def parse_grid(specs: Sequence[str]) -> list[RunSpec]:
                 f"--grid: {run.dataset_config} setting {run.setting} fold {run.fold} is named twice"
             )
         seen.add(run)
-    return runs
+    return [RunSpec(r.dataset_config, r.setting, r.fold, method) for method in methods for r in runs]
 
 
 def parse_with(args: Sequence[str]) -> tuple[list[str], list[str], str | None]:
     """The user's ``with`` arguments as (named configs, ``key=value`` updates, ``path.log_dir`` or None).
 
-    Dataset and setting named configs, and updates of :data:`GRID_KEYS`, are refused: ``--grid`` chooses
-    them (``resume=True`` is accepted: the grid always resumes).
+    Dataset and setting named configs, and updates of :data:`GRID_KEYS`, are refused: ``--grid``,
+    ``--method`` and ``--plugin`` choose them (``resume=True`` is accepted: the grid always resumes).
     """
     named, updates, log_dir = [], [], None
     for arg in args:
@@ -130,9 +180,9 @@ def parse_with(args: Sequence[str]) -> tuple[list[str], list[str], str | None]:
         if "path" in values and "log_dir" in values["path"]:
             log_dir = str(values["path"]["log_dir"])
             continue
-        for key in GRID_KEYS:
+        for key, option in GRID_KEYS.items():
             if key in values and not (key == "resume" and values[key] is True):
-                raise ValueError(f"with {arg}: the grid sets {key} for each run (choose them with --grid)")
+                raise ValueError(f"with {arg}: the grid sets {key} for each run (choose it with {option})")
         updates.append(arg)
     return named, updates, log_dir
 
@@ -167,9 +217,13 @@ class Run:
         return (sys.executable, str(REPO / "test.py"), "with", *self.with_args)
 
 
-def resolve_runs(specs: Sequence[RunSpec], with_args: Sequence[str]) -> tuple[Path, list[Run]]:
+def resolve_runs(
+    specs: Sequence[RunSpec], with_args: Sequence[str], plugins: Sequence[str] = ()
+) -> tuple[Path, list[Run]]:
     """The grid folder (absolute ``path.log_dir``, default ``./runs``) and each run, its config resolved
-    and checked; a bad value is a ``ValueError`` naming the run."""
+    and checked (``plugins``: :func:`parse_plugins`'s entries, given to every run, so that each command
+    can import its method); a bad value (a key of another method included) is a ``ValueError`` naming the
+    run."""
     named, updates, log_dir = parse_with(with_args)
     default_named = (SCHEDULE, *named)
     grid = Path(log_dir or resolve_config([SCHEDULE], {})["path"]["log_dir"]).expanduser().resolve()
@@ -180,6 +234,8 @@ def resolve_runs(specs: Sequence[RunSpec], with_args: Sequence[str]) -> tuple[Pa
             f"setting{spec.setting}",
             *default_named,
             *updates,
+            *([f"method={spec.method}"] if spec.method != DEFAULT_METHOD else []),
+            *([f"plugins={list(plugins)!r}"] if plugins else []),
             f"eval_fold={spec.fold}",
             f"path.log_dir={grid}",
         )
@@ -242,6 +298,7 @@ def record_submission(grid: Path, runs: Sequence[Run], submission: dict[str, Any
     for run in runs:
         manifest["runs"][run.key] = {
             "spec": str(run.spec),
+            "method": run.config["method"],
             "dataset": run.config["dataset"],
             "setting": run.config["setting"],
             "fold": run.config["eval_fold"],

@@ -1,6 +1,7 @@
-"""``--measure N``: N training steps of one run of a grid timed on this machine, and what the grid then
-needs: device-hours of training (evaluation not included) and disk for the snapshots (the sizes written,
-under the keep policy).
+"""``--measure N``: N training steps of one run of each method of a grid timed on this machine, and what
+the grid then needs: device-hours of training (evaluation not included) and disk for the snapshots (the
+sizes written, under the keep policy), per method (methods differ in step time and snapshot size) and in
+all.
 
 The run's own ``train.py`` command trains ``N + 1`` steps into a scratch folder (``print_interval=1``, no
 validation, a snapshot at step N and the final one at N + 1, which gives the full and the weights-only
@@ -90,14 +91,10 @@ def device_name(device: str) -> str:
     return device
 
 
-def estimate_lines(
-    runs: list[Run], measured: Measurement, gpus_per_run: int, timeout_min: float | None, max_timeouts: int
-) -> list[str]:
-    """The grid's estimate from ``measured``: device-hours of training, disk for snapshots, and jobs per
-    run under a time limit (with a warning when they exceed ``max_timeouts`` requeues)."""
-    kind = "GPU" if measured.device.startswith("cuda") else "CPU"
-    per_device = max(1, gpus_per_run)
-    hours = sum(run.config["n_steps"] for run in runs) * measured.step_s * per_device / 3600
+def grid_needs(runs: list[Run], measured: Measurement, gpus_per_run: int) -> tuple[float, int, int]:
+    """``(device-hours of training, snapshot bytes when finished, most snapshot bytes while training)``
+    of ``runs`` at ``measured``'s speed and sizes."""
+    hours = sum(run.config["n_steps"] for run in runs) * measured.step_s * max(1, gpus_per_run) / 3600
     final = peak = 0
     for run in runs:
         end, most = snapshot_disk_use(
@@ -107,6 +104,17 @@ def estimate_lines(
             measured.weights_bytes,
         )
         final, peak = final + end, peak + most
+    return hours, final, peak
+
+
+def estimate_lines(
+    runs: list[Run], measured: Measurement, gpus_per_run: int, timeout_min: float | None, max_timeouts: int
+) -> list[str]:
+    """The grid's estimate from ``measured``: device-hours of training, disk for snapshots, and jobs per
+    run under a time limit (with a warning when they exceed ``max_timeouts`` requeues)."""
+    kind = "GPU" if measured.device.startswith("cuda") else "CPU"
+    per_device = max(1, gpus_per_run)
+    hours, final, peak = grid_needs(runs, measured, gpus_per_run)
     name, mean, first = device_name(measured.device), measured.step_s, measured.first_step_s
     lines = [
         f"measured on THIS machine's device, {name}: {mean:.3f} s per training step (mean of steps "
@@ -131,4 +139,33 @@ def estimate_lines(
                 f"warning: that is more requeues than --max-timeouts {max_timeouts} allows; raise it, or the "
                 "time limit, or runs end FAILED after that many time limits"
             )
+    return lines
+
+
+def measure_lines(
+    runs: list[Run], n_steps: int, gpus_per_run: int, timeout_min: float | None, max_timeouts: int
+) -> list[str]:
+    """``--measure``: the first run of each method of ``runs`` timed (:func:`measure_run`), each method's
+    estimate (:func:`estimate_lines`) under a heading, and with several methods the grid's total."""
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(run.config["method"], []).append(run)
+    lines, total = [], [0.0, 0, 0]
+    kinds = set()
+    for method, group in by_method.items():
+        measured = measure_run(group[0], n_steps, gpus_per_run)
+        kinds.add("GPU" if measured.device.startswith("cuda") else "CPU")
+        needs = grid_needs(group, measured, gpus_per_run)
+        total = [a + b for a, b in zip(total, needs, strict=True)]
+        lines.append(f"method {method}: {len(group)} run(s), {n_steps} steps of {group[0].key} timed")
+        estimate = estimate_lines(group, measured, gpus_per_run, timeout_min, max_timeouts)
+        lines += [f"    {line}" for line in estimate]
+    if len(by_method) > 1:
+        hours, final, peak = total
+        kind = "/".join(sorted(kinds))
+        lines.append(
+            f"all {len(runs)} run(s) of the {len(by_method)} methods: {hours:.2f} {kind}-hours "
+            f"of training at this machine's speed, snapshots {final / 1e9:.1f} GB when finished, "
+            f"{peak / 1e9:.1f} GB at most while training"
+        )
     return lines

@@ -1,14 +1,15 @@
 """The status of a grid, read off the disk (and ``squeue`` when SLURM answers), so that it works from a
 login node while jobs run and after they are gone.
 
-Per run: the state, one of ``pending`` (submitted, not started), ``running``, ``requeued`` (waiting to
-run again after a time limit, preemption or failure), ``finished`` (trained and evaluated), ``failed`` (or
-stopped from outside, or its job ended without finishing it), ``not submitted``; the step reached (newest
-snapshot or logged step) of the total; the last validation Dice; the time spent (Sacred's start, heartbeat
-and stop times of its train and test runs); an estimate of the training time left (the current run's
-logged steps per second); and for a failed run its log and last error line. Sources: ``grid.json`` (runs,
-jobs), each run folder's ``launch.json`` (the job's record of the run), snapshots, Sacred's ``run.json`` and
-``metrics.json``, submitit's result files, and the job's state in ``squeue`` or its local process.
+Per run (its method, dataset, setting and fold): the state, one of ``pending`` (submitted, not
+started), ``running``, ``requeued`` (waiting to run again after a time limit, preemption or failure),
+``finished`` (trained and evaluated), ``failed`` (or stopped from outside, or its job ended without
+finishing it), ``not submitted``; the step reached (newest snapshot or logged step) of the total; the last
+validation Dice; the time spent (Sacred's start, heartbeat and stop times of its train and test runs); an
+estimate of the training time left (the current run's logged steps per second); and for a failed run its
+log and last error line. Sources: ``grid.json`` (runs, jobs), each run folder's ``launch.json`` (the job's
+record of the run), snapshots, Sacred's ``run.json`` and ``metrics.json``, submitit's result files, and
+the job's state in ``squeue`` or its local process.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from engine.snapshots import latest_snapshot
 from launcher.clusters import JOBS_FOLDER, RUNNING, WAITING, job_active, squeue_states
 from launcher.grid import latest_jobs, read_manifest
 from launcher.job import FAILED, FINISHED, STOPPED, last_error_line, log_tail, read_state, sacred_run_ids
+from models.methods import DEFAULT_METHOD
 from utils import utc_now
 
 
@@ -33,6 +35,7 @@ class RunStatus:
     """One row of ``script/launch.py status``."""
 
     key: str
+    method: str
     dataset: str
     setting: int
     fold: int
@@ -148,6 +151,7 @@ def run_status(grid: Path, key: str, entry: dict[str, Any], job_info, states) ->
     eta = (total - step) / rate if running and rate and state.get("stage") == "training" else None
     return RunStatus(
         key,
+        entry.get("method") or entry.get("config", {}).get("method", DEFAULT_METHOD),  # older grids
         entry["dataset"],
         int(entry["setting"]),
         int(entry["fold"]),
@@ -180,10 +184,12 @@ def _duration(seconds: float | None) -> str:
 
 
 def format_status(rows: list[RunStatus]) -> str:
-    """The status table (plain text), then a count per state."""
-    header = ["dataset", "setting", "fold", "state", "step", "val Dice", "elapsed", "left", "job"]
+    """The status table (plain text), then with several methods a count per state of each, then a count
+    per state of all runs."""
+    header = ["method", "dataset", "setting", "fold", "state", "step", "val Dice", "elapsed", "left", "job"]
     table = [
         [
+            row.method,
             row.dataset,
             str(row.setting),
             str(row.fold),
@@ -202,8 +208,15 @@ def format_status(rows: list[RunStatus]) -> str:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip())
         if row.note:
             lines.append(f"    {row.note}")
+    methods = list(dict.fromkeys(row.method for row in rows))
+    if len(methods) > 1:
+        lines += [f"{method}: {_counts([row for row in rows if row.method == method])}" for method in methods]
+    lines.append(_counts(rows))
+    return "\n".join(lines)
+
+
+def _counts(rows: list[RunStatus]) -> str:
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.state] = counts.get(row.state, 0) + 1
-    lines.append(", ".join(f"{n} {state}" for state, n in counts.items()))
-    return "\n".join(lines)
+    return ", ".join(f"{n} {state}" for state, n in counts.items())

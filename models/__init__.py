@@ -45,3 +45,6 @@ __all__ = [
     "read_model_checkpoint",
     "register",
 ]
+
+# The baselines register after DIFD, the default method, which is listed first.
+import models.adnet  # noqa: E402, F401

@@ -186,3 +186,49 @@ class Res101Encoder(nn.Module):
         if self.layer4_features:
             return features, self.reduce2(x), t
         return features, t
+
+
+#: ``DeepLabRes101Encoder`` feature channels (its 1×1 ``localconv`` on layer4).
+DEEPLAB_FEATURE_CHANNELS = 256
+
+
+class DeepLabRes101Encoder(nn.Module):
+    """The trunk of torchvision's DeepLabV3-ResNet101 (layer3 and layer4 dilated, output stride 8) and a 1×1
+    reduction of layer4: SSL-ALPNet's and ADNet's encoder (docs/methods.md, ADNet).
+
+    Parameter names follow the official module tree (``backbone.{conv1,bn1,layer1..layer4}``, ``localconv``,
+    ``asppconv``, ``aspp_out``). The official encoder also builds DeepLabV3's ASPP head (``aspp_out``) and a
+    1×1 ``asppconv`` that its forward never uses: they are kept so that official checkpoints load
+    (:attr:`unused_parameters`), never computed. Initialisation is torchvision's (as the official code);
+    ``pretrained_weights`` as for :class:`Res101Encoder` (only the trunk is loaded).
+
+    Shape: ``(N, 3, H, W)`` → ``(N, 256, ⌈H/8⌉, ⌈W/8⌉)``.
+    """
+
+    def __init__(
+        self, pretrained_weights: str | None = None, pretrained_path: str | Path | None = None
+    ) -> None:
+        super().__init__()
+        from torchvision.models.segmentation.deeplabv3 import ASPP
+
+        trunk = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+        children = dict(trunk.named_children())
+        self.backbone = nn.ModuleDict({k: v for k, v in children.items() if k not in ("avgpool", "fc")})
+        self.localconv = nn.Conv2d(2048, DEEPLAB_FEATURE_CHANNELS, kernel_size=1, bias=False)
+        self.asppconv = nn.Conv2d(256, 256, kernel_size=1, bias=False)
+        self.aspp_out = nn.Sequential(
+            ASPP(2048, [12, 24, 36]), nn.Conv2d(256, 256, kernel_size=3, padding=1, bias=False)
+        )
+        self.unused_parameters = tuple(
+            name for name, _ in self.named_parameters() if name.startswith(("asppconv.", "aspp_out."))
+        )
+        self.pretrained_report = self._load_pretrained(pretrained_weights, pretrained_path)
+
+    _load_pretrained = Res101Encoder._load_pretrained
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encode a batch of images. Shape: ``(N, 3, H, W)`` → ``(N, 256, h, w)``."""
+        b = self.backbone
+        x = b["maxpool"](b["relu"](b["bn1"](b["conv1"](x))))
+        x = b["layer4"](b["layer3"](b["layer2"](b["layer1"](x))))
+        return self.localconv(x)

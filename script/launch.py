@@ -7,19 +7,24 @@ Examples::
     python script/launch.py submit --grid paper --cluster slurm --partition gpu --gpus-per-run 1 \\
         --timeout-min 240 --max-parallel 8 --dry-run                  # lists the 25 runs and their checks
     python script/launch.py submit --grid paper --cluster slurm --partition gpu --gpus-per-run 1
+    python script/launch.py submit --grid paper --method difd,gmrd,qnet,adnet --dry-run   # 100 runs
     python script/launch.py submit --grid abd_mri:1:0,3 --cluster local --wait with validate_every=0
+    python script/launch.py submit --grid cmr --method mine --plugin my_method.py --dry-run
     python script/launch.py status runs                               # one row per run
     python script/summarize.py runs                                   # the paper's table and reference
 
-``submit``: every run (:mod:`launcher.grid`) is checked first (:mod:`launcher.checks`); any problem is
-reported with the list and nothing is submitted. Then one job per run on SLURM (one job array, throttled by
-``--max-parallel``), or one local job per lane (a lane per ``--gpus-per-run`` visible GPUs, one on the
-CPU). Each job trains with ``resume=True`` and evaluates with ``test.py`` (:mod:`launcher.job`); runs the
-grid folder already finished are skipped. ``with`` arguments go to ``train.py``/``test.py`` after the
-official schedule (``official_script``); ``path.log_dir`` is the grid folder (default ``./runs``).
-``--dry-run`` lists each run's commands, folder, resume point and checks; ``--measure N`` also times N
-training steps of the first run here and estimates the grid's device-hours and disk. ``--wait`` waits for
-the runs to end (what ``script/train.sh`` does) and exits non-zero if one failed.
+``submit``: ``--method`` names the methods (comma-separated, default ``difd``; each runs every run of
+``--grid`` in a run folder of its own), ``--plugin`` a file or module registering further methods (as
+``train.py``'s ``plugins=``). Every run (:mod:`launcher.grid`) is checked first (:mod:`launcher.checks`);
+any problem is reported with the list and nothing is submitted. Then one job per run on SLURM (one job
+array, throttled by ``--max-parallel``), or one local job per lane (a lane per ``--gpus-per-run`` visible
+GPUs, one on the CPU). Each job trains with ``resume=True`` and evaluates with ``test.py``
+(:mod:`launcher.job`); runs the grid folder already finished are skipped. ``with`` arguments go to
+``train.py``/``test.py`` after the official schedule of the run's method (``official_script``);
+``path.log_dir`` is the grid folder (default ``./runs``). ``--dry-run`` lists each run's commands, folder,
+resume point and checks; ``--measure N`` also times N training steps of the first run of each method here
+and estimates the grid's device-hours and disk. ``--wait`` waits for the runs to end (what
+``script/train.sh`` does) and exits non-zero if one failed.
 
 ``status``: one row per run of a grid folder (:mod:`launcher.status`). ``weights``: downloads torchvision's
 pretrained files into ``torch.hub``'s checkpoint folder, where ``train.py`` looks for them.
@@ -45,9 +50,18 @@ from launcher.clusters import (
     slurm_executor,
     visible_gpus,
 )
-from launcher.grid import MANIFEST, NotAGrid, Run, parse_grid, record_submission, resolve_runs
+from launcher.grid import (
+    MANIFEST,
+    NotAGrid,
+    Run,
+    parse_grid,
+    parse_methods,
+    parse_plugins,
+    record_submission,
+    resolve_runs,
+)
 from launcher.job import GridJob, RunTask
-from launcher.measure import estimate_lines, measure_run
+from launcher.measure import measure_lines
 from launcher.status import format_status, grid_status
 from models.encoder import PRETRAINED
 from utils import DownloadError, timestamp
@@ -112,7 +126,7 @@ def tasks_of(runs: list[Run], gpus_per_run: int) -> list[RunTask]:
 
 def submit_slurm(grid: Path, todo: list[Run], resources: Resources, args) -> dict[str, str]:
     """One job array (a plain job for one run), in one sbatch call; returns run key → job id."""
-    executor = slurm_executor(grid, resources, todo[0].config["num_workers"], len(todo))
+    executor = slurm_executor(grid, resources, max(run.config["num_workers"] for run in todo), len(todo))
     stop_wait = stop_wait_s(resources)
     with executor.batch():
         jobs = [
@@ -144,7 +158,10 @@ def submit_local(grid: Path, todo: list[Run], resources: Resources, args) -> dic
 
 def describe_run(run: Run, gpus_per_run: int, finished: bool, findings) -> list[str]:
     config = run.config
-    lines = [f"{run.key}  ({config['dataset']}, setting {config['setting']}, fold {config['eval_fold']})"]
+    lines = [
+        f"{run.key}  ({config['method']}, {config['dataset']}, setting {config['setting']}, "
+        f"fold {config['eval_fold']})"
+    ]
     if finished:
         lines.append("    finished before: skipped")
     lines.append(f"    folder  {run.folder}")
@@ -195,7 +212,9 @@ def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
         args.cluster = "local" if reason else "slurm"
         print(f"--cluster {args.cluster}: " + (f"{reason}" if reason else "SLURM answers here (sinfo)"))
     resources = resources_of(args)
-    grid, runs = resolve_runs(parse_grid(args.grid), sacred_args)
+    plugins = parse_plugins(args.plugin)
+    methods = parse_methods(args.method)
+    grid, runs = resolve_runs(parse_grid(args.grid, methods), sacred_args, plugins)
     dry = args.dry_run or args.measure is not None
     made = not grid.exists()
     if not dry:
@@ -204,7 +223,11 @@ def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
         general, per_run = check_grid(grid, runs, args.cluster, resources)
         finished = {run.key for run in runs if run_is_finished(run)}
         todo = [run for run in runs if run.key not in finished]
-        print(f"grid folder {grid}: {len(runs)} run(s), {len(todo)} to run, {len(finished)} finished before")
+        per_method = ", ".join(f"{m} ({sum(r.spec.method == m for r in runs)})" for m in methods)
+        print(
+            f"grid folder {grid}: {len(runs)} run(s), {len(todo)} to run, {len(finished)} finished before; "
+            f"method(s) {per_method}"
+        )
         for run in runs:
             print("\n".join(describe_run(run, resources.gpus_per_run, run.key in finished, per_run[run.key])))
         print("checks of the grid:" if general else "checks of the grid: none (nothing to run)")
@@ -217,18 +240,11 @@ def submit(args: argparse.Namespace, sacred_args: list[str]) -> int:
             print("\n".join(f"  {line}" for line in problems), file=sys.stderr)
             return 1
         if args.measure is not None:
-            measured = measure_run(todo[0] if todo else runs[0], args.measure, resources.gpus_per_run)
-            print(
-                "\n".join(
-                    estimate_lines(
-                        todo or runs,
-                        measured,
-                        resources.gpus_per_run,
-                        resources.time_limit_min(args.cluster),
-                        resources.max_timeouts,
-                    )
-                )
+            limit = resources.time_limit_min(args.cluster)
+            lines = measure_lines(
+                todo or runs, args.measure, resources.gpus_per_run, limit, resources.max_timeouts
             )
+            print("\n".join(lines))
         if dry or not todo:
             print("dry run: nothing submitted" if dry else "nothing to submit: every run finished before")
             return 0
@@ -286,6 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = commands.add_parser("submit", help="check, then submit a grid (see the module docstring)")
     sub.add_argument(
         "--grid", action="append", required=True, help="paper, or <dataset>[:<settings>[:<folds>]]"
+    )
+    sub.add_argument(
+        "--method",
+        action="append",
+        help="methods, comma-separated (default difd): each runs every run of --grid",
+    )
+    sub.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a .py file or module that registers further methods (train.py's plugins=); repeatable",
     )
     sub.add_argument(
         "--cluster", choices=("slurm", "local"), help="default: slurm where SLURM answers (sinfo), else local"

@@ -26,14 +26,17 @@ per class, their mean and the step; the fold's test volumes, for monitoring only
 With a single directory and no ``--out-*`` option the table is written to ``<dir>/summary.md`` and
 ``<dir>/summary.csv``. The Markdown table is always printed.
 
-The report of a grid (``python script/summarize.py runs``: a folder whose ``<dataset>_setting<k>/``
+The report of a grid (``python script/summarize.py runs``: a folder whose ``[<method>_]<dataset>_setting<k>/``
 subfolders hold the folds, as ``script/launch.py`` leaves them; or one such subfolder with
-``--reference``): per dataset and setting, the paper's table (Dice per organ and their mean as mean ± std
-over the folds), beside each method of a reference CSV (default ``docs/reference/difd_paper.csv``; any
-other with ``--reference``; an empty reference cell shows "–" and no difference) and the difference, then
-the per-fold table above. Written to ``<dir>/report.md``, ``report.csv`` (one row per class and reference
-method, with every fold's value) and ``report.png`` (a bar per organ at the folds' mean, a dot per fold,
-the reference as a horizontal mark).
+``--reference``): per dataset and setting, one row per method of the grid (Dice per organ and their mean
+as mean ± std over its folds), beneath it that method's values in a reference CSV (default
+``docs/reference/published_fsmis.csv``: the published numbers found, with their sources and confidence
+tags; any other with ``--reference``; an empty reference cell shows "–" and no difference) and the
+difference; then the protocol of the grid's runs, each reference value's source and protocol where the
+source says so, and each method's per-fold table above. Written to ``<dir>/report.md``, ``report.csv``
+(one row per method, class and reference, with every fold's value) and ``report.png`` (a bar per organ
+and method at the folds' mean, a dot per fold, the reference as a horizontal mark). ``--plugin FILE``
+imports a method of one's own, so that the report knows its title (the name published tables use).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from pathlib import Path
 
 from engine.summary import build_table, to_csv, to_markdown
 from launcher.report import DEFAULT_REFERENCE, REFERENCE_COLUMNS, grid_report, run_roots
+from models.methods import load_plugins
 from utils import write_atomically
 
 
@@ -64,7 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"reference CSV ({','.join(REFERENCE_COLUMNS)}; Dice in %%) for the report (default for a grid "
         f"folder: {DEFAULT_REFERENCE})",
     )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="report: a .py file or module registering a method of your own (its title names its rows)",
+    )
     args = parser.parse_args(argv)
+    load_plugins(args.plugin)
 
     single = args.paths[0] if len(args.paths) == 1 and args.paths[0].is_dir() else None
     grid = single is not None and not any(single.glob("fold*")) and run_roots(single)

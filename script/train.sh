@@ -12,6 +12,8 @@
 # GPUs: one fold per visible GPU, the folds dealt onto the GPUs in order (CUDA_VISIBLE_DEVICES picks them;
 # GPUS="0 1" is the same, GPUS="" hides them); without a GPU the folds run one after another on the CPU.
 # To put several GPUs on ONE fold (torchrun, DDP): GPUS_PER_RUN=4.
+# Another method (docs/methods.md): METHOD=<name> (run folders runs/<name>_<DATASET>_setting<k>/), and for
+# a method of your own PLUGIN=my_method.py (the launcher's --method and --plugin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,4 +24,4 @@ if [ -n "${GPUS+set}" ]; then
 fi
 gpus_per_run="${GPUS_PER_RUN:-$("$PYTHON" -c 'import torch; print(min(1, torch.cuda.device_count()))')}"
 exec "$PYTHON" script/launch.py submit --grid "$DATASET:${SETTING#setting}:${FOLDS// /,}" --cluster local \
-    --gpus-per-run "$gpus_per_run" --wait with "$@"
+    --method "${METHOD:-difd}" ${PLUGIN:+--plugin "$PLUGIN"} --gpus-per-run "$gpus_per_run" --wait with "$@"

@@ -109,9 +109,10 @@ def _check_grid(grid: Path, reference: dict[str, torch.Tensor]) -> None:
 
     status = _launch("status", str(grid))
     assert status.returncode == 0, status.stderr
-    rows = [line.split() for line in status.stdout.splitlines() if line.startswith("CHAOST2")]
+    rows = [line.split() for line in status.stdout.splitlines() if line.startswith("difd ")]
     done = f"{N_STEPS}/{N_STEPS}"
-    assert [(row[1], row[3], row[4]) for row in rows] == [("1", "finished", done), ("2", "finished", done)]
+    expected = [("CHAOST2", "1", "finished", done), ("CHAOST2", "2", "finished", done)]
+    assert [(row[1], row[2], row[4], row[5]) for row in rows] == expected
     assert status.stdout.rstrip().endswith("2 finished")
 
     report = subprocess.run(

@@ -1,6 +1,7 @@
 """script/launch.py and the launcher package without running jobs: grid specs, the runs' configs and
 commands, the sbatch parameters, the local lanes, the checks of a dry run (each bad input a clear error
-before anything is submitted), status on a folder that is not a grid, the weights command."""
+before anything is submitted), status on a folder that is not a grid, the weights command, --measure
+(across two methods; the rest of several methods is in test_launcher_methods.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,21 @@ from pathlib import Path
 import pytest
 
 from launcher.clusters import Resources, plan_lanes, sbatch_options, slurm_available, slurm_parameters
-from launcher.grid import MANIFEST, PAPER_SETTINGS, RunSpec, parse_grid, parse_with, resolve_runs
+from launcher.grid import (
+    MANIFEST,
+    PAPER_SETTINGS,
+    RunSpec,
+    parse_grid,
+    parse_with,
+    record_submission,
+    resolve_runs,
+)
 from models.encoder import PRETRAINED
 from tests.run_fixtures import load_script, make_mini_root
 
 NO_SLURM = slurm_available()
+#: The method of tests/plugin_method.py, registered from outside models/.
+PLUGIN = str(Path(__file__).parent / "plugin_method.py")
 
 
 def launch(*argv: str) -> int:
@@ -71,6 +82,8 @@ class TestGridSpecs:
             ("eval_fold=2", "the grid sets eval_fold"),
             ("resume=False", "the grid sets resume"),
             ("dataset=SABS", "the grid sets dataset"),
+            ("method=difd", r"the grid sets method for each run \(choose it with --method\)"),
+            ("plugins=[a.py]", r"the grid sets plugins for each run \(choose it with --plugin\)"),
         ],
     )
     def test_with_arguments_the_grid_sets_are_refused(self, arg, message):
@@ -119,7 +132,7 @@ class TestRuns:
         assert command[5].endswith("train.py") and command[-1] == "resume=True"
 
     def test_a_bad_value_names_the_run(self, tmp_path: Path):
-        with pytest.raises(ValueError, match=r"(?s)run abd_mri:1:0: bad config value.*optim.lr"):
+        with pytest.raises(ValueError, match=r"(?s)run difd abd_mri:1:0: bad config value.*optim.lr"):
             resolve_runs(parse_grid(["abd_mri:1:0"]), [f"path.log_dir={tmp_path}", "optim.lr=-1"])
 
 
@@ -274,8 +287,6 @@ class TestDryRun:
         grid = tmp_path / "grid"
         common = ["debug", "supp_idx=0", f"data_root={mini_root}", f"path.log_dir={grid}"]
         _, runs = resolve_runs(parse_grid(["abd_mri:1:0"]), [*common, "n_steps=6"])
-        from launcher.grid import record_submission
-
         record_submission(grid, runs, {"cluster": "local", "host": "x", "submitted": "t", "jobs": {}})
         code = launch("submit", "--grid", "abd_mri:1:0", "--cluster", "local", "--dry-run", "with", *common)
         assert code == 1
@@ -337,24 +348,31 @@ def test_weights_command(tmp_path: Path, capsys):
 def test_measure_times_steps_here_and_estimates(
     mini_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
-    """--measure trains N+1 steps of the first run in a scratch folder (removed) and estimates the grid;
-    nothing is submitted and the grid folder is not made."""
+    """--measure trains N+1 steps of the first run of each method in a scratch folder (removed) and
+    estimates each method's runs and the grid; nothing is submitted and the grid folder is not made."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as the other runs of the tests (2 threads: 4x slower here)
     grid = tmp_path / "grid"
     code = launch(
-        "submit", "--grid", "abd_mri:1,2:1", "--cluster", "local", "--measure", "2", "--timeout-min", "30",
+        "submit", "--grid", "abd_mri:1,2:1", "--method", "difd,tiny_proto", "--plugin", PLUGIN,
+        "--cluster", "local", "--measure", "2", "--timeout-min", "30",
         "with", "debug", "supp_idx=0", f"data_root={mini_root}", f"path.log_dir={grid}", "n_steps=10",
     )  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
-    per_step = float(
-        re.search(r"device, cpu: ([0-9.]+) s per training step \(mean of steps 2-3", out).group(1)
-    )
-    assert 0 < per_step < 60
-    assert "snapshots written: " in out and " MB weights-only" in out
-    hours = float(re.search(r"the 2 run\(s\) to train.*: ([0-9.]+) CPU-hours of training", out).group(1))
-    assert hours == pytest.approx(2 * 10 * per_step / 3600, abs=0.006)
-    assert "jobs per run" not in out and "about 1 job(s) per run" in out
+    hours = {}
+    for method in ("difd", "tiny_proto"):
+        section = out.split(f"method {method}: 2 run(s), 2 steps of ")[1]
+        per_step = float(
+            re.search(r"device, cpu: ([0-9.]+) s per training step \(mean of steps 2-3", section).group(1)
+        )
+        assert 0 < per_step < 60
+        assert "snapshots written: " in section and " MB weights-only" in section
+        found = re.search(r"the 2 run\(s\) to train.*: ([0-9.]+) CPU-hours of training", section)
+        hours[method] = float(found.group(1))
+        assert hours[method] == pytest.approx(2 * 10 * per_step / 3600, abs=0.006)
+        assert "about 1 job(s) per run" in section
+    total = float(re.search(r"all 4 run\(s\) of the 2 methods: ([0-9.]+) CPU-hours", out).group(1))
+    assert total == pytest.approx(sum(hours.values()), abs=0.011)
     assert out.rstrip().endswith("dry run: nothing submitted") and not grid.exists()
 
 

@@ -141,51 +141,156 @@ class TestSummarize:
         assert done.returncode != 0 and "several results.json" in done.stderr
 
 
-def _results(path: Path, dataset: str, fold: int, setting: int, dice: dict[str, float]) -> None:
-    """A results.json of ``dataset`` with the given Dice (fractions) per class."""
+def _results(
+    path: Path, dataset: str, fold: int, setting: int, dice: dict[str, float], method: str | None = None
+) -> None:
+    """A results.json of ``dataset`` with the given Dice (fractions) per class; its config records the
+    method when given (results written before methods record none: DIFD's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     classes = {name: {"label": i + 1, "dice": {"3": d}, "iou": {"3": d}, "mean_dice": d, "mean_iou": d}
                for i, (name, d) in enumerate(dice.items())}  # fmt: skip
     mean = sum(dice.values()) / len(dice)
     results = {"dataset": dataset, "eval_fold": fold, "classes": classes, "mean_dice": mean, "mean_iou": mean}
-    path.write_text(json.dumps({**results, "config": {"setting": setting}}))
+    config = {"setting": setting, "supp_idx": 2, "n_part": 3, "n_steps": 100}
+    if method is not None:
+        config["method"] = method
+    path.write_text(json.dumps({**results, "config": config}))
+
+
+ORGANS = ("LIVER", "RK", "LK", "SPLEEN")
+PLUGIN = str(REPO / "tests" / "plugin_method.py")
 
 
 class TestReport:
-    """The grid report: the paper's table per dataset and setting beside a reference CSV."""
+    """The grid report: per dataset and setting, each method beside its reference values."""
 
     @staticmethod
     def _grid(tmp_path: Path) -> Path:
         grid = tmp_path / "runs"
-        organs = ("LIVER", "RK", "LK", "SPLEEN")
         for fold, values in ((0, (0.80, 0.60, 0.70, 0.50)), (1, (0.70, 0.80, 0.50, 0.70))):
             path = grid / "CHAOST2_setting1" / f"fold{fold}" / "test" / "1" / "results.json"
-            _results(path, "CHAOST2", fold, 1, dict(zip(organs, values, strict=True)))
+            _results(path, "CHAOST2", fold, 1, dict(zip(ORGANS, values, strict=True)))
         path = grid / "CMR_setting1" / "fold3" / "test" / "1" / "results.json"
         _results(path, "CMR", 3, 1, {"LV-BP": 0.9, "LV-MYO": 0.6, "RV": 0.75})
         return grid
 
-    def test_the_shipped_reference_has_empty_cells(self, tmp_path: Path, capsys):
+    def test_the_published_reference(self, tmp_path: Path, capsys):
+        """The shipped reference: DIFD's known mean beside the grid's, its unknown cells "–"; the grid's one
+        method is also set beside the other methods' published values; sources, confidence, protocol."""
         grid = self._grid(tmp_path)
         assert load_script("script/summarize.py").main([str(grid)]) == 0
         out = capsys.readouterr().out
         assert (
-            "| this grid (2 fold(s)) | 75.00 ± 5.00 | 70.00 ± 10.00 | 60.00 ± 10.00 | 60.00 ± 10.00 |" in out
+            "| difd: this grid (2 fold(s)) | 75.00 ± 5.00 | 70.00 ± 10.00 | 60.00 ± 10.00 | 60.00 ± 10.00 | "
+            "66.25 ± 1.25 |" in out
         )
-        assert "| DIFD | – | – | – | – | – |" in out and "| difference to DIFD | – | – | – | – | – |" in out
+        assert "| DIFD [B] | – | – | – | – | 84.12 |" in out
+        assert "| difference to DIFD | – | – | – | – | −17.87 |" in out
+        assert "| Q-Net [B] | 81.74 | 87.98 | 78.36 | 75.99 | 81.02 |" in out
+        assert "| difference to Q-Net | −6.74 | −17.98 | −18.36 | −15.99 | −14.77 |" in out
+        assert "| DIFD | – | – | – | – |" in out  # CMR: nothing known of DIFD, no tag
+        assert "- difd: supp_idx=2, n_part=3, n_steps=100" in out
+        assert "- DIFD: [B] quoted as DIFD's result in the comparison table of SD-FSMIS" in out
+        assert "not read from the DIFD paper itself; protocol: not stated by the source" in out
+        assert "- ADNet: [B] ADNet (Hansen et al., MedIA 2022)" in out
+        assert "protocol: ADNet's own: the last case of each fold as support" in out
         assert "doi:10.1109/TMI.2025.3546653" in out and "## CMR, setting 1" in out
+        assert "### difd, CHAOST2, setting 1: per fold" in out
         assert (grid / "report.md").read_text() + f"\npicture: {grid / 'report.png'}\n" == out
         rows = list(csv.DictReader(io.StringIO((grid / "report.csv").read_text())))
-        liver = next(r for r in rows if r["dataset"] == "CHAOST2" and r["class"] == "LIVER")
-        assert (liver["fold0"], liver["fold1"], liver["fold2"], liver["mean"]) == (
+        liver = [r for r in rows if r["dataset"] == "CHAOST2" and r["class"] == "LIVER"]
+        assert [r["reference_method"] for r in liver] == ["DIFD", "GMRD", "Q-Net", "ADNet", "SSL-ALPNet"]
+        assert {r["method"] for r in rows} == {"difd"}
+        difd, qnet = liver[0], liver[2]
+        assert (difd["fold0"], difd["fold1"], difd["fold2"], difd["mean"]) == (
             "80.000000",
             "70.000000",
             "",
             "75.000000",
         )
-        assert liver["method"] == "DIFD" and liver["reference"] == "" and liver["difference"] == ""
-        assert len(rows) == 5 + 4  # CHAOST2: 4 organs + mean; CMR: 3 + mean
+        assert difd["reference"] == "" and difd["difference"] == "" and difd["source"].startswith("not known")
+        assert (qnet["reference"], qnet["difference"], qnet["confidence"]) == ("81.740000", "-6.740000", "B")
+        assert len(rows) == 5 * 5 + 4 * 5  # (CHAOST2: 4 organs + mean; CMR: 3 + mean) x 5 published methods
         assert (grid / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_methods_side_by_side(self, tmp_path: Path, capsys):
+        """A grid of three methods (one registered from a plug-in, one not registered here): each beside its
+        own reference row, found by name or title; the reference's other methods listed as not run here."""
+        grid = tmp_path / "runs"
+        for root, method, folds in (
+            ("CHAOST2_setting1", "difd", (0, 1)),
+            ("tiny_proto_CHAOST2_setting1", "tiny_proto", (0,)),
+            ("qnet_CHAOST2_setting1", "qnet", (2,)),
+        ):
+            for fold in folds:
+                run = _sacred_run(
+                    grid / root / f"fold{fold}" / "test" / "1", "COMPLETED", "2026-01-01T10:00:00", fold
+                )
+                values = (0.6 + 0.1 * fold, 0.5, 0.4, 0.3)
+                _results(
+                    run / "results.json", "CHAOST2", fold, 1, dict(zip(ORGANS, values, strict=True)), method
+                )
+        reference = tmp_path / "reference.csv"
+        reference.write_text(
+            "method,dataset,setting,class,dice,source,confidence\n"
+            "TinyProto,CHAOST2,1,LIVER,50,a run of ours,A\n"
+            "DIFD,CHAOST2,1,mean,50,quoted,B\n"
+            "Q-Net,CHAOST2,1,LIVER,60,quoted,B\n"
+            "SSL-ALPNet,CHAOST2,1,LIVER,76.1,quoted,B\n"
+        )
+        argv = [str(grid), "--reference", str(reference), "--plugin", PLUGIN]
+        assert load_script("script/summarize.py").main(argv) == 0
+        out = capsys.readouterr().out
+        section = out.split("## CHAOST2, setting 1")[1].split("Protocol of this grid")[0].strip().splitlines()
+        rk_lk_spleen = " | 50.00 ± 0.00 | 40.00 ± 0.00 | 30.00 ± 0.00"  # the same in every run
+        assert section[2:] == [
+            "| difd: this grid (2 fold(s)) | 65.00 ± 5.00" + rk_lk_spleen + " | 46.25 ± 1.25 |",
+            "| DIFD [B] | – | – | – | – | 50.00 |",
+            "| difference to DIFD | – | – | – | – | −3.75 |",
+            "| tiny_proto: this grid (1 fold(s)) | 60.00 ± 0.00" + rk_lk_spleen + " | 45.00 ± 0.00 |",
+            "| TinyProto [A] | 50.00 | – | – | – | – |",
+            "| difference to TinyProto | +10.00 | – | – | – | – |",
+            "| qnet: this grid (1 fold(s)) | 80.00 ± 0.00" + rk_lk_spleen + " | 50.00 ± 0.00 |",
+            "| Q-Net [B] | 60.00 | – | – | – | – |",
+            "| difference to Q-Net | +20.00 | – | – | – | – |",
+            "| SSL-ALPNet [B], not run here | 76.10 | – | – | – | – |",
+        ], out
+        for heading in ("difd", "tiny_proto", "qnet"):
+            assert f"### {heading}, CHAOST2, setting 1: per fold" in out
+        rows = list(csv.DictReader(io.StringIO((grid / "report.csv").read_text())))
+        assert [(r["method"], r["reference_method"]) for r in rows if r["class"] == "LIVER"] == [
+            ("difd", "DIFD"),
+            ("tiny_proto", "TinyProto"),
+            ("qnet", "Q-Net"),
+        ]
+        qnet = next(r for r in rows if r["method"] == "qnet" and r["class"] == "LIVER")
+        assert (qnet["fold2"], qnet["reference"], qnet["difference"]) == (
+            "80.000000",
+            "60.000000",
+            "20.000000",
+        )
+
+    def test_a_mean_over_fewer_organs_is_not_compared(self, tmp_path: Path, capsys):
+        """Runs that evaluated RK only: the organ is set beside the reference, their mean (over RK) is not
+        set beside the reference's mean over four organs."""
+        grid = tmp_path / "runs"
+        _results(
+            grid / "CHAOST2_setting2" / "fold0" / "test" / "1" / "results.json", "CHAOST2", 0, 2, {"RK": 0.5}
+        )
+        assert load_script("script/summarize.py").main([str(grid)]) == 0
+        out = capsys.readouterr().out
+        assert "| Q-Net [B] | 65.94 | 68.59 |" in out and "| difference to Q-Net | −15.94 | – |" in out
+        assert "- difd: its mean is over RK only, not the dataset's test classes: not compared" in out
+        rows = list(csv.DictReader(io.StringIO((grid / "report.csv").read_text())))
+        mean = next(r for r in rows if r["class"] == "mean" and r["reference_method"] == "Q-Net")
+        assert (mean["mean"], mean["reference"], mean["difference"]) == ("50.000000", "68.590000", "")
+
+    def test_a_method_twice_in_one_grid_is_refused(self, tmp_path: Path):
+        grid = self._grid(tmp_path)
+        path = grid / "copy_CHAOST2_setting1" / "fold0" / "test" / "1" / "results.json"
+        _results(path, "CHAOST2", 0, 1, dict(zip(ORGANS, (0.1, 0.2, 0.3, 0.4), strict=True)))
+        with pytest.raises(ValueError, match="difd CHAOST2 setting 1 is in two run folders of the grid: "):
+            load_script("script/summarize.py").main([str(grid)])
 
     def test_a_filled_reference(self, tmp_path: Path, capsys):
         grid = self._grid(tmp_path)
@@ -201,6 +306,7 @@ class TestReport:
         assert "| colleague | 71.50 | – | – | – | – |" in out
         assert "| difference to colleague | +3.50 | – | – | – | – |" in out
         assert "| difference to colleague | – | – | −5.00 | – |" in out  # CMR: LV-BP, LV-MYO, RV, mean
+        assert "- colleague: run of 2026-11-30; protocol: not stated by the source" in out
         rows = list(csv.DictReader(io.StringIO((grid / "report.csv").read_text())))
         rv = next(r for r in rows if r["class"] == "RV")
         assert (rv["reference"], rv["difference"], rv["source"]) == (
@@ -227,6 +333,14 @@ class TestReport:
         reference = tmp_path / "bad.csv"
         reference.write_text("method,dataset,setting,class,dice,source\n" + row + "\n")
         with pytest.raises(ValueError, match=message):
+            load_script("script/summarize.py").main(
+                [str(self._grid(tmp_path)), "--reference", str(reference)]
+            )
+
+    def test_unknown_columns_are_refused(self, tmp_path: Path):
+        reference = tmp_path / "bad.csv"
+        reference.write_text("method,dataset,setting,class,dice,source,trust\nx,CHAOST2,1,LIVER,50,s,high\n")
+        with pytest.raises(ValueError, match=r"\(and optionally confidence,protocol\), found \["):
             load_script("script/summarize.py").main(
                 [str(self._grid(tmp_path)), "--reference", str(reference)]
             )

@@ -242,12 +242,15 @@ def generate(
         raise
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, n_sv: bool = True) -> argparse.ArgumentParser:
+    """The options both pseudo-label commands share (``n_sv=False``: without ``--n-sv``, for the 2-D
+    superpixels, whose sizes are fixed)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--dataset", required=True, help=f"one of {sorted(DATASETS)}")
     parser.add_argument("--data-root", required=True, type=Path, help="folder holding CHAOST2/, SABS/, CMR/")
     parser.add_argument("--ids", type=int, nargs="+", default=None, help="case ids (default: all)")
-    parser.add_argument("--n-sv", type=int, default=None, help="min_size (default: the dataset's n_sv)")
+    if n_sv:
+        parser.add_argument("--n-sv", type=int, default=None, help="min_size (default: the dataset's n_sv)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     return parser
 
