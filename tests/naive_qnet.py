@@ -143,6 +143,14 @@ def naive_query_loss(probs: Tensor, labels: Tensor) -> Tensor:
     return criterion(log_prob, labels.flatten(0, 1).long())
 
 
+def naive_training_terms(model: nn.Module, supp: Tensor, masks: Tensor, qry: Tensor, labels: Tensor):
+    """The official training forward and loss terms with the encoder of a fast ``QNet``: the naive side of
+    ``benchmarks/method_step.py``."""
+    probs, align = naive_forward(model.encoder, supp, masks, qry, train=True, alpha=model.alpha)
+    query = naive_query_loss(probs, labels)
+    return {"query_nll": query, "align_nll": align, "total": query + align}
+
+
 class TinyLevels(nn.Module):
     """A small stand-in for the ResNet-101 with layer-4 features: ``(N, 3, H, W)`` → ``(N, C, H/4, W/4)``,
     ``(N, C, H/8, W/8)``, ``(N,)``, with a BatchNorm (so that training mode matters)."""
