@@ -21,6 +21,7 @@ from models.methods import (
     method_names,
     register,
 )
+from models.qnet import QNET_METHOD as QNET_METHOD  # registers method=qnet
 from models.weights import ModelCheckpoint, identify_methods, load_model_weights, read_model_checkpoint
 
 __all__ = [

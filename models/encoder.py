@@ -1,12 +1,13 @@
 """ResNet-101 encoder of DIFD (method.md §4.1): query/support features and the per-image threshold ``t``.
 
 Shape: images ``(N, 3, H, W)`` → features ``F = reduce1(layer3(x))`` ``(N, 512, h, w)`` with ``h = H/4``
-(layer2 and layer3 dilated), and ``t = reduce1d(fc(avgpool(layer4(x))))`` ``(N,)``.
+(layer2 and layer3 dilated), and ``t = reduce1d(fc(avgpool(layer4(x))))`` ``(N,)``. With
+``layer4_features=True`` (Q-Net, GMRD) it also returns ``reduce2(layer4(x))`` ``(N, 512, h/2, w/2)``.
 
 Parameter names follow the official module tree (``backbone.{conv1,bn1,layer1..layer4,fc}``, ``reduce1``,
 ``reduce2``, ``reduce1d``) so official checkpoints load unchanged. ``reduce2`` (2048 → 512 on layer4) is
-computed and discarded by the official code: the parameter is kept for checkpoint compatibility, the compute
-is skipped.
+computed and discarded by DIFD's official code: the parameter is kept for checkpoint compatibility, the
+compute is skipped unless ``layer4_features``.
 """
 
 from __future__ import annotations
@@ -78,15 +79,21 @@ class Res101Encoder(nn.Module):
             keys).
         pretrained_path: local checkpoint file for the chosen kind (required unless ``pretrained_weights`` is
             ``None``).
+        layer4_features: also return the layer-4 features ``reduce2(layer4(x))``.
 
     Shape:
-        forward: ``(N, 3, H, W)`` → ``((N, 512, h, w), (N,))``.
+        forward: ``(N, 3, H, W)`` → ``((N, 512, h, w), (N,))``; with ``layer4_features``
+        ``((N, 512, h, w), (N, 512, h/2, w/2), (N,))``.
     """
 
     def __init__(
-        self, pretrained_weights: str | None = None, pretrained_path: str | Path | None = None
+        self,
+        pretrained_weights: str | None = None,
+        pretrained_path: str | Path | None = None,
+        layer4_features: bool = False,
     ) -> None:
         super().__init__()
+        self.layer4_features = layer4_features
         trunk = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=[True, True, False])
         self.backbone = nn.ModuleDict(dict(trunk.named_children()))
         self.reduce1 = nn.Conv2d(1024, FEATURE_CHANNELS, kernel_size=1, bias=False)
@@ -167,15 +174,18 @@ class Res101Encoder(nn.Module):
         )
         return report
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Encode a batch of images. Shape: ``(N, 3, H, W)`` → ``((N, 512, h, w), (N,))``."""
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Encode a batch of images. Shape: ``(N, 3, H, W)`` → ``((N, 512, h, w), (N,))``, with
+        ``layer4_features`` ``((N, 512, h, w), (N, 512, h/2, w/2), (N,))``."""
         b = self.backbone
         x = b["maxpool"](b["relu"](b["bn1"](b["conv1"](x))))
         x = b["layer3"](b["layer2"](b["layer1"](x)))
         features = self.reduce1(x)
         x = b["layer4"](x)
-        t = self.reduce1d(b["fc"](torch.flatten(b["avgpool"](x), 1)))
-        return features, t.squeeze(1)
+        t = self.reduce1d(b["fc"](torch.flatten(b["avgpool"](x), 1))).squeeze(1)
+        if self.layer4_features:
+            return features, self.reduce2(x), t
+        return features, t
 
 
 #: ``DeepLabRes101Encoder`` feature channels (its 1×1 ``localconv`` on layer4).
