@@ -36,10 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.difd import _check_inputs, _check_support
 from models.encoder import DEEPLAB_FEATURE_CHANNELS, DeepLabRes101Encoder
 from models.losses import CLASS_WEIGHTS, IGNORE_INDEX, clamped_log
-from models.methods import FewShotOutput, Method, register
+from models.methods import FewShotOutput, Method, check_episode, check_support, register
 from models.prototypes import MAP_EPS, cosine_map, masked_average, upsample
 
 #: ``α`` of the anomaly score ``S = -α·cos`` (the official ``scaler``).
@@ -101,7 +100,7 @@ class ADNet(nn.Module):
 
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)``, ``(B, Q, 3, H, W)`` → :class:`ADNetOutput`.
         """
-        _check_inputs(supp_imgs, supp_masks, qry_imgs)
+        check_episode(supp_imgs, supp_masks, qry_imgs)
         b, s = supp_imgs.shape[:2]
         q = qry_imgs.shape[1]
         size = tuple(supp_imgs.shape[-2:])
@@ -155,7 +154,7 @@ class ADNet(nn.Module):
     def encode_support(self, supp_imgs: Tensor, supp_masks: Tensor) -> ADNetSupport:
         """The prototype of a fixed support, computed once (BatchNorm must use its running statistics:
         ``eval()``). Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)`` in {0, 1} → :class:`ADNetSupport`."""
-        _check_support(supp_imgs, supp_masks)
+        check_support(supp_imgs, supp_masks)
         b, s = supp_imgs.shape[:2]
         feats = self.encoder(supp_imgs.flatten(0, 1)).unflatten(0, (b, s))
         return ADNetSupport(self.prototype(feats, supp_masks.to(feats.dtype)), tuple(supp_imgs.shape[-2:]))

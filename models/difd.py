@@ -29,7 +29,7 @@ from models.dual_interspersion import DualInterspersion, InterspersionPlan, Prot
 from models.flexible_deployment import FlexibleDeployment
 from models.fusion_refinement import InteractiveFusionRefinement
 from models.losses import CLASS_WEIGHTS
-from models.methods import FewShotOutput
+from models.methods import FewShotOutput, check_episode, check_support
 from models.prototypes import MAP_EPS, masked_sum
 
 MULTI_SHOT = ("official", "all")
@@ -78,47 +78,6 @@ class EncodedSupport:
         return EncodedSupport(
             self.feats[one], self.masks[one], self.t[one], sets, self.proto_fg[one], self.proto_bg[one]
         )
-
-
-def _check_support(supp_imgs: Tensor, supp_masks: Tensor) -> None:
-    """Raise ``ValueError`` for wrong ranks or sizes of the support, or non-binary masks."""
-    if supp_imgs.dim() != 5:
-        raise ValueError(f"supp_imgs: expected (B, S, 3, H, W), got shape {tuple(supp_imgs.shape)}")
-    if supp_masks.dim() != 4:
-        raise ValueError(f"supp_masks: expected (B, S, H, W), got shape {tuple(supp_masks.shape)}")
-    b, s, ch, h, w = supp_imgs.shape
-    if b == 0 or s == 0:
-        raise ValueError(
-            f"supp_imgs: need B ≥ 1 episodes and S ≥ 1 shots, got shape {tuple(supp_imgs.shape)}"
-        )
-    if ch != 3 or h == 0 or w == 0:
-        raise ValueError(f"supp_imgs: expected 3 channels and a non-empty H×W, got {tuple(supp_imgs.shape)}")
-    if tuple(supp_masks.shape) != (b, s, h, w):
-        raise ValueError(f"supp_masks: expected shape {(b, s, h, w)}, got {tuple(supp_masks.shape)}")
-    if not supp_imgs.is_floating_point():
-        raise ValueError(f"supp_imgs: expected floating point, got {supp_imgs.dtype}")
-    # One host synchronisation to validate the masks at the boundary.
-    if bool(((supp_masks != 0) & (supp_masks != 1)).any()):
-        raise ValueError("supp_masks: expected values in {0, 1}, found other values")
-
-
-def _check_inputs(supp_imgs: Tensor, supp_masks: Tensor, qry_imgs: Tensor) -> None:
-    """Raise ``ValueError`` for wrong ranks, sizes, empty shot/query dimensions or non-binary masks."""
-    if qry_imgs.dim() != 5:
-        raise ValueError(f"qry_imgs: expected (B, Q, 3, H, W), got shape {tuple(qry_imgs.shape)}")
-    _check_support(supp_imgs, supp_masks)
-    b, _, ch, h, w = supp_imgs.shape
-    if qry_imgs.shape[0] != b or qry_imgs.shape[1] == 0:
-        raise ValueError(
-            f"qry_imgs: expected ({b}, Q ≥ 1, {ch}, {h}, {w}) to match supp_imgs, got {tuple(qry_imgs.shape)}"
-        )
-    if qry_imgs.shape[2:] != supp_imgs.shape[2:]:
-        raise ValueError(
-            f"images: expected 3 channels and equal sizes, got supp_imgs {tuple(supp_imgs.shape)} "
-            f"and qry_imgs {tuple(qry_imgs.shape)}"
-        )
-    if not qry_imgs.is_floating_point():
-        raise ValueError(f"qry_imgs: expected floating point, got {qry_imgs.dtype}")
 
 
 class DIFD(nn.Module):
@@ -170,7 +129,7 @@ class DIFD(nn.Module):
 
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)``, ``(B, Q, 3, H, W)`` → ``DIFDOutput``.
         """
-        _check_inputs(supp_imgs, supp_masks, qry_imgs)
+        check_episode(supp_imgs, supp_masks, qry_imgs)
         b, s = supp_imgs.shape[:2]
         q = qry_imgs.shape[1]
         # DI's mask-only plan holds its host synchronisation: made before the encoder is queued, it finds
@@ -212,7 +171,7 @@ class DIFD(nn.Module):
         The support is encoded on its own, so BatchNorm must use its running statistics (``eval()``).
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)`` in {0, 1} → :class:`EncodedSupport`.
         """
-        _check_support(supp_imgs, supp_masks)
+        check_support(supp_imgs, supp_masks)
         b, s = supp_imgs.shape[:2]
         plan = self._interspersion_plan(supp_masks.to(supp_imgs.dtype))  # before the encoder, as forward
         feats, t = self.encoder(supp_imgs.flatten(0, 1))

@@ -35,9 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.difd import _check_inputs, _check_support
 from models.losses import CLASS_WEIGHTS, IGNORE_INDEX, clamped_log
-from models.methods import FewShotOutput
+from models.methods import FewShotOutput, check_episode, check_support
 from models.prototypes import bilinear_weights, cosine_map, masked_average, upsample
 
 #: Descriptor counts of the official model (``fg_num``, ``bg_num``).
@@ -256,7 +255,7 @@ class GMRD(nn.Module):
 
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)``, ``(B, Q, 3, H, W)`` → :class:`GMRDOutput`.
         """
-        _check_inputs(supp_imgs, supp_masks, qry_imgs)
+        check_episode(supp_imgs, supp_masks, qry_imgs)
         self._check_size(supp_imgs)
         b, s = supp_imgs.shape[:2]
         q = qry_imgs.shape[1]
@@ -289,7 +288,7 @@ class GMRD(nn.Module):
 
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)`` in {0, 1} → :class:`GMRDSupport`.
         """
-        _check_support(supp_imgs, supp_masks)
+        check_support(supp_imgs, supp_masks)
         self._check_size(supp_imgs)
         b, s = supp_imgs.shape[:2]
         feats, _ = self.encoder(supp_imgs.flatten(0, 1))

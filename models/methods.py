@@ -246,3 +246,46 @@ def load_plugins(plugins: Iterable[str] | str | None) -> list[str]:
                 raise ValueError(f"plugins: cannot import the method module {entry!r}: {err}") from err
         loaded.append(entry)
     return loaded
+
+
+def check_support(supp_imgs: Tensor, supp_masks: Tensor) -> None:
+    """The support of a batch of episodes, as every method takes it: ``ValueError`` for wrong ranks or
+    sizes, or non-binary masks. ``supp_imgs (B, S, 3, H, W)``, ``supp_masks (B, S, H, W)``."""
+    if supp_imgs.dim() != 5:
+        raise ValueError(f"supp_imgs: expected (B, S, 3, H, W), got shape {tuple(supp_imgs.shape)}")
+    if supp_masks.dim() != 4:
+        raise ValueError(f"supp_masks: expected (B, S, H, W), got shape {tuple(supp_masks.shape)}")
+    b, s, ch, h, w = supp_imgs.shape
+    if b == 0 or s == 0:
+        raise ValueError(
+            f"supp_imgs: need B ≥ 1 episodes and S ≥ 1 shots, got shape {tuple(supp_imgs.shape)}"
+        )
+    if ch != 3 or h == 0 or w == 0:
+        raise ValueError(f"supp_imgs: expected 3 channels and a non-empty H×W, got {tuple(supp_imgs.shape)}")
+    if tuple(supp_masks.shape) != (b, s, h, w):
+        raise ValueError(f"supp_masks: expected shape {(b, s, h, w)}, got {tuple(supp_masks.shape)}")
+    if not supp_imgs.is_floating_point():
+        raise ValueError(f"supp_imgs: expected floating point, got {supp_imgs.dtype}")
+    # One host synchronisation to validate the masks at the boundary.
+    if bool(((supp_masks != 0) & (supp_masks != 1)).any()):
+        raise ValueError("supp_masks: expected values in {0, 1}, found other values")
+
+
+def check_episode(supp_imgs: Tensor, supp_masks: Tensor, qry_imgs: Tensor) -> None:
+    """A batch of episodes (:func:`check_support`, and ``qry_imgs (B, Q, 3, H, W)`` on the same image size):
+    ``ValueError`` for wrong ranks, sizes, empty shot/query dimensions or non-binary masks."""
+    if qry_imgs.dim() != 5:
+        raise ValueError(f"qry_imgs: expected (B, Q, 3, H, W), got shape {tuple(qry_imgs.shape)}")
+    check_support(supp_imgs, supp_masks)
+    b, _, ch, h, w = supp_imgs.shape
+    if qry_imgs.shape[0] != b or qry_imgs.shape[1] == 0:
+        raise ValueError(
+            f"qry_imgs: expected ({b}, Q ≥ 1, {ch}, {h}, {w}) to match supp_imgs, got {tuple(qry_imgs.shape)}"
+        )
+    if qry_imgs.shape[2:] != supp_imgs.shape[2:]:
+        raise ValueError(
+            f"images: expected 3 channels and equal sizes, got supp_imgs {tuple(supp_imgs.shape)} "
+            f"and qry_imgs {tuple(qry_imgs.shape)}"
+        )
+    if not qry_imgs.is_floating_point():
+        raise ValueError(f"qry_imgs: expected floating point, got {qry_imgs.dtype}")

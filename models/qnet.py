@@ -40,10 +40,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.difd import _check_inputs, _check_support
 from models.encoder import Res101Encoder
 from models.losses import CLASS_WEIGHTS, IGNORE_INDEX, clamped_log
-from models.methods import FewShotOutput, Method, Option, register
+from models.methods import FewShotOutput, Method, Option, check_episode, check_support, register
 from models.prototypes import cosine_map, masked_average, upsample
 
 #: The official ``scaler`` of the anomaly score, the dual-scale weight α and the refinement defaults.
@@ -163,7 +162,7 @@ class QNet(nn.Module):
 
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)``, ``(B, Q, 3, H, W)`` → :class:`QNetOutput`.
         """
-        _check_inputs(supp_imgs, supp_masks, qry_imgs)
+        check_episode(supp_imgs, supp_masks, qry_imgs)
         b, s = supp_imgs.shape[:2]
         q = qry_imgs.shape[1]
         *levels, t = self.encoder(torch.cat([supp_imgs.flatten(0, 1), qry_imgs.flatten(0, 1)]))
@@ -201,7 +200,7 @@ class QNet(nn.Module):
     def encode_support(self, supp_imgs: Tensor, supp_masks: Tensor) -> QNetSupport:
         """Steps 1-2 for a fixed support, encoded on its own (BatchNorm must use running statistics).
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)`` → :class:`QNetSupport`."""
-        _check_support(supp_imgs, supp_masks)
+        check_support(supp_imgs, supp_masks)
         b, s = supp_imgs.shape[:2]
         *levels, t = self.encoder(supp_imgs.flatten(0, 1))
         return self.prepare_support([f.unflatten(0, (b, s)) for f in levels], supp_masks.to(t.dtype))

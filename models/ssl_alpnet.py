@@ -43,10 +43,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.difd import _check_inputs, _check_support
 from models.encoder import DEEPLAB_FEATURE_CHANNELS, DeepLabRes101Encoder
 from models.losses import IGNORE_INDEX
-from models.methods import FewShotOutput, Method, Option, register
+from models.methods import FewShotOutput, Method, Option, check_episode, check_support, register
 
 #: The cosine classifier's scaler.
 SCALER = 20.0
@@ -180,7 +179,7 @@ class SSLALPNet(nn.Module):
 
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)``, ``(B, Q, 3, H, W)`` → :class:`SSLALPNetOutput`.
         """
-        _check_inputs(supp_imgs, supp_masks, qry_imgs)
+        check_episode(supp_imgs, supp_masks, qry_imgs)
         b, s = supp_imgs.shape[:2]
         q = qry_imgs.shape[1]
         size = tuple(supp_imgs.shape[-2:])
@@ -218,7 +217,7 @@ class SSLALPNet(nn.Module):
     def encode_support(self, supp_imgs: Tensor, supp_masks: Tensor) -> SSLALPNetSupport:
         """Features and resized masks of a fixed support (``eval()`` for BatchNorm's running statistics).
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)`` → :class:`SSLALPNetSupport`."""
-        _check_support(supp_imgs, supp_masks)
+        check_support(supp_imgs, supp_masks)
         b, s = supp_imgs.shape[:2]
         feats = self.encoder(supp_imgs.flatten(0, 1)).unflatten(0, (b, s))
         fg, bg = self._small_masks(supp_masks.to(feats.dtype), feats.shape[-2:])
