@@ -99,7 +99,13 @@ from engine.runtime import (
     unwrap,
     wrap_distributed,
 )
-from engine.snapshots import latest_snapshot, load_resume_snapshot, restore_training_state, save_snapshot
+from engine.snapshots import (
+    apply_keep_policy,
+    latest_snapshot,
+    load_resume_snapshot,
+    restore_training_state,
+    save_snapshot,
+)
 from models import Method, get_method
 from utils import capture_rng_state, remove_stale_temporaries, resolve_data_root, resolve_device, set_seed
 
@@ -213,8 +219,9 @@ def set_up(cfg: dict[str, Any], _log) -> Job:
     weights_file = resolve_pretrained_path(cfg["pretrained_weights"], cfg["pretrained_path"])
     root = resolve_data_root(cfg["data_root"])
     folder = run_folder(cfg)
-    if dist_context.is_main:
-        remove_stale_temporaries(folder / "snapshots", _log)  # left by a run killed while writing one
+    if dist_context.is_main:  # what a run killed while writing left (the run folder's lock is ours)
+        remove_stale_temporaries(folder / "snapshots", _log)
+        remove_stale_temporaries(folder / "train", _log, recursive=True)
     _log.info(
         f"device {device}; data root {root}; run folder {folder}; rank {dist_context.rank} of "
         f"{dist_context.world_size}"
@@ -372,6 +379,8 @@ def train_fold(_run, _log, cfg: dict[str, Any], stop: StopRequest) -> str:
     start_step, n_steps = resume(job, cfg, _log), cfg["n_steps"]
     final = job.snapshot_dir / f"{n_steps}.pth"
     if start_step >= n_steps:
+        if job.dist.is_main:  # a run killed after its final snapshot, before the keep policy was applied
+            apply_keep_policy(job.snapshot_dir, n_steps, final=True)
         _log.info(f"nothing to do: the newest snapshot is at step {start_step} of {n_steps}")
         return str(final)
     # Wrapped after loading, so the snapshot's (unprefixed) state dict loads into the plain model.

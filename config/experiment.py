@@ -46,6 +46,7 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from config.values import check_run_files, check_values, run_folder
 from dataloaders.datasets import get_dataset_info
+from engine.observer import AtomicFileStorageObserver
 from engine.runlock import acquire
 from models.methods import DEFAULT_METHOD, get_method, load_plugins, method_names, owners_of
 
@@ -273,7 +274,7 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
         if command_name == "train":
             # One writer per run folder, taken before Sacred makes train/<id> (train.py releases it).
             acquire(run_folder(config), "train.py", logger)
-        ex.observers.append(FileStorageObserver(str(run_folder(config) / command_name)))
+        ex.observers.append(AtomicFileStorageObserver(str(run_folder(config) / command_name)))
     return {"mode": command_name}
 
 

