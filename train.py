@@ -107,7 +107,14 @@ from engine.snapshots import (
     save_snapshot,
 )
 from models import Method, get_method
-from utils import capture_rng_state, remove_stale_temporaries, resolve_data_root, resolve_device, set_seed
+from utils import (
+    capture_rng_state,
+    disk_full,
+    remove_stale_temporaries,
+    resolve_data_root,
+    resolve_device,
+    set_seed,
+)
 
 
 def lr_milestones(n_steps: int, max_iters_per_load: int) -> list[int]:
@@ -367,6 +374,10 @@ def train(_run, _log, _config) -> str:
     stop = EARLY_STOP or StopRequest(interrupt=False)
     try:
         return train_fold(_run, _log, cfg, stop)
+    except OSError as err:
+        if full := disk_full(err):  # one line; the snapshots before it are intact (engine.snapshots)
+            raise SystemExit(f"train.py: {full}; free space, then continue with resume=True") from err
+        raise
     finally:
         stop.close()
         if int(os.environ.get("RANK", "0")) == 0:

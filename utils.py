@@ -198,6 +198,16 @@ def write_atomically(
     return path
 
 
+def disk_full(err: BaseException | None) -> str | None:
+    """What a full disk (or an exhausted quota) said, where ``err`` or an error it was raised from is
+    one (the message without its ``[Errno 28]``); None otherwise."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err.strerror or str(err)
+        err = err.__cause__
+    return None
+
+
 def _mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.1f} MiB"
 

@@ -165,3 +165,87 @@ def test_training_killed_at_random_moments_ends_as_an_uninterrupted_run(
     _assert_same_snapshots(tmp_path / FOLD / "snapshots", reference[0])
     _assert_nothing_half_written(tmp_path)
     print(f"SIGKILL at {RANDOM_KILLS} random moments: {killed} landed before the run ended, all survived")
+
+
+def _assert_no_temporaries(folder: Path) -> None:
+    left = sorted(str(p) for p in folder.rglob("*") if TEMPORARY.match(p.name))
+    assert not left, f"temporaries left: {left}"
+
+
+#: test.py on RK then LIVER (one query volume each): where it is killed.
+TEST_KILLS = [
+    KillAt("before_rename", 1, ".nii.gz"),  # RK's prediction complete, not renamed
+    KillAt("prediction", 1),  # RK's prediction and overlay written, LIVER not begun
+    KillAt("before_rename", 1, "results.json"),  # every output written, results.json not in place
+]
+
+
+def test_evaluation_killed_never_looks_finished_and_its_rerun_completes(
+    data: Path, reference: tuple[Path, float], tmp_path: Path
+):
+    from tests.run_fixtures import load_test_script
+
+    script = load_test_script()
+    updates = _updates(data, tmp_path) | {
+        "reload_model_path": str(reference[0] / "4.pth"),
+        "test_label": [2, 1],
+    }
+
+    def work() -> None:
+        with one_thread():
+            script.ex.run("test", named_configs=["debug"], config_updates=updates)
+
+    out = tmp_path / "out.txt"
+    runs = tmp_path / FOLD / "test"
+    for number, kill in enumerate(TEST_KILLS, 1):
+        assert run_forked(work, kill, out) == -signal.SIGKILL, f"{kill}:\n{out.read_text()[-3000:]}"
+        killed = runs / str(number)
+        assert not (killed / "results.json").exists(), f"{killed} looks finished"
+        assert json.loads((killed / "run.json").read_text())["status"] == "RUNNING"
+    _finish(work, out)
+    done = runs / str(len(TEST_KILLS) + 1)
+    assert set(json.loads((done / "results.json").read_text())["classes"]) == {"RK", "LIVER"}
+    _assert_no_temporaries(tmp_path)
+    _assert_nothing_half_written(tmp_path)
+
+
+#: segment.py on two queries: where it is killed.
+SEGMENT_KILLS = [
+    KillAt("prediction", 1),  # the first query's label map written, its overlays not
+    KillAt("before_rename", 1, "_overlays"),  # the first query's overlay folder complete, not renamed
+    KillAt("before_rename", 1, "report.json"),  # every output written, report.json not in place
+]
+
+
+def test_segmentation_killed_never_looks_finished_and_its_rerun_completes(
+    data_root: Path, reference: tuple[Path, float], tmp_path: Path
+):
+    import segment
+
+    chaos = data_root / "CHAOST2" / "chaos_MR_T2_normalized"
+    out_dir = tmp_path / "segmented"
+    argv = [
+        "--checkpoint", str(reference[0] / "4.pth"), "--plugin", str(PLUGIN),
+        "--support-image", str(chaos / "image_1.nii.gz"), "--support-label", str(chaos / "label_1.nii.gz"),
+        "--label", "1", "--query", str(chaos / "image_2.nii.gz"), str(chaos / "image_3.nii.gz"),
+        "--out", str(out_dir),
+    ]  # fmt: skip
+
+    def work() -> None:
+        with one_thread():
+            segment.main(argv)
+
+    out = tmp_path / "out.txt"
+    for kill in SEGMENT_KILLS:
+        assert run_forked(work, kill, out) == -signal.SIGKILL, f"{kill}:\n{out.read_text()[-3000:]}"
+        assert not (out_dir / "report.json").exists(), f"{out_dir} looks finished after {kill}"
+        assert (out_dir / segment.RUNNING).is_file()
+    _finish(work, out)  # the same command, without --overwrite
+    assert "replacing the outputs of a segment.py that did not finish" in out.read_text()
+    report = json.loads((out_dir / "report.json").read_text())
+    assert sorted(report["queries"]) == ["image_2", "image_3"]
+    assert not (out_dir / segment.RUNNING).exists()
+    _assert_no_temporaries(out_dir)
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        ["report.json", "image_2.nii.gz", "image_3.nii.gz", "image_2_overlays", "image_3_overlays"]
+    )
