@@ -186,10 +186,7 @@ def write_atomically(
             cause += _space_note(path.parent, tmp, needs)
         raise OSError(err.errno, f"cannot write {what} {path}: {cause}") from err
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -208,20 +205,32 @@ def disk_full(err: BaseException | None) -> str | None:
     return None
 
 
-def _mib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**20:.1f} MiB"
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.0f} KiB"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _space_note(folder: Path, tmp: Path, needs: int | None) -> str:
-    """``' (<folder> has X MiB free; the file needs ...)'`` for a write that found the disk full."""
+    """``' (<folder> has X MiB free; the file needs ...)'`` for a write that found the disk full: the free
+    space once the temporary is gone."""
     try:
-        free = shutil.disk_usage(folder).free
         written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
         written = written or (tmp.stat().st_size if tmp.is_file() else 0)
+        _remove(tmp)
+        free = shutil.disk_usage(folder).free
     except OSError:
         return ""
-    need = f"about {_mib(needs)}" if needs else f"more than the {_mib(written)} written when it failed"
-    return f" ({folder} has {_mib(free)} free; the file needs {need})"
+    if needs:
+        return f" ({folder} has {_size(free)} free; the file needs about {_size(needs)})"
+    if written:
+        return f" ({folder} has {_size(free)} free; the file needs more than the {_size(written)} written)"
+    return f" ({folder} has {_size(free)} free)"
 
 
 def utc_now() -> datetime:

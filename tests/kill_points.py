@@ -3,7 +3,8 @@
 :func:`run_forked` forks, runs ``work()`` in the child and returns how the child ended. With a
 :class:`KillAt`, the child first wraps one function so that at its ``n``-th matching call the child sends
 itself SIGKILL: no handler, ``finally`` or ``atexit`` runs, exactly as when the OOM killer or a lost node
-ends a process, but at a moment chosen by the test. The wrappers exist only in the child: the commands
+ends a process, but at a moment chosen by the test. With a :class:`FillAt`, the child fills the test's
+small filesystem at a chosen write instead (a full disk). The wrappers exist only in the child: the commands
 carry no test hook. Where a file is being written (``*_half``), half of its bytes reach the disk first
 (flushed and synced), as a kill in the middle of the write leaves them.
 
@@ -180,8 +181,49 @@ def arm(kill: KillAt) -> None:
         raise ValueError(f"unknown kill point {where!r}")
 
 
+@dataclass(frozen=True)
+class FillAt:
+    """Fill the disk of ``folder`` (a small filesystem of the test's), leaving ``leave`` bytes free, just
+    before the ``n``-th :func:`utils.write_atomically` onto a path whose name ends with ``match``."""
+
+    folder: Path
+    match: str
+    n: int = 1
+    leave: int = 4096
+
+    def __str__(self) -> str:
+        return f"full disk before {self.match}#{self.n}"
+
+
+BALLAST = "ballast"
+
+
+def fill_disk(folder: Path, leave: int) -> None:
+    """Write ``folder/ballast`` until the filesystem has about ``leave`` bytes free."""
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(folder / BALLAST, "ab") as stream:
+        stream.write(b"\0" * max(0, free - leave))
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def arm_fill(fill: FillAt) -> None:
+    """Install the wrapper of ``fill`` (in the child)."""
+    import utils
+
+    hit = _countdown(fill.n)
+    write_atomically = utils.write_atomically
+
+    def fill_then_write(path, *args, **kwargs):
+        if str(path).endswith(fill.match) and hit():
+            fill_disk(fill.folder, fill.leave)
+        return write_atomically(path, *args, **kwargs)
+
+    _everywhere(write_atomically, fill_then_write)
+
+
 def run_forked(
-    work: Callable[[], Any], kill: KillAt | None, log: Path, kill_after: float | None = None
+    work: Callable[[], Any], kill: KillAt | FillAt | None, log: Path, kill_after: float | None = None
 ) -> int:
     """Run ``work()`` in a forked child (stdout and stderr to ``log``), killed at ``kill`` or by the parent
     ``kill_after`` seconds after the fork; returns the child's exit code as
@@ -195,10 +237,20 @@ def run_forked(
             descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             os.dup2(descriptor, 1)
             os.dup2(descriptor, 2)
-            if kill is not None:
+            # pytest's capture replaced the Python streams: these write to the log.
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            if isinstance(kill, FillAt):
+                arm_fill(kill)
+            elif kill is not None:
                 arm(kill)
             work()
             code = 0
+        except SystemExit as stop:  # as the interpreter ends a script that raised it
+            if isinstance(stop.code, int):
+                code = stop.code
+            else:
+                print(stop.code, file=sys.stderr)
         except BaseException:
             traceback.print_exc()
         finally:

@@ -1,7 +1,15 @@
-"""SIGKILL anywhere loses nothing (issue 24, item 3): a training run killed at many moments and resumed each
-time ends with the snapshots of an uninterrupted run, bit for bit, and leaves no temporary or half-written
-file; ``test.py`` and ``segment.py`` killed mid-way leave an output folder that never looks finished, and
-their rerun completes.
+"""SIGKILL anywhere loses nothing, a full disk stops cleanly (issue 24, items 3 and 4).
+
+SIGKILL: a training run killed at many moments and resumed each time ends with the snapshots of an
+uninterrupted run, bit for bit, and leaves no temporary or half-written file; ``test.py`` and ``segment.py``
+killed mid-way leave an output folder that never looks finished, and their rerun completes.
+
+Full disk: on a real 4 MiB tmpfs mounted by the test, a snapshot, prediction or label map write that finds
+the disk full ends the command with one line naming the file, the folder's free space and what the file
+needs; the earlier snapshot is intact and loadable, no temporary is left, and once space is freed the same
+command (``resume=True`` for training) completes, training with the snapshots of a run that never met a
+full disk. The disk is filled by a ballast file just before the chosen write (:class:`FillAt`). Mounting
+needs root (CI containers run as root); elsewhere these tests are skipped with that reason.
 
 The runs are forked copies of the test process (:mod:`tests.kill_points`), so a restart costs the run's
 set-up (its volumes read) and no Python start-up; the method is ``tiny_difd`` (DIFD's head and loss on a
@@ -18,17 +26,20 @@ from __future__ import annotations
 import json
 import random
 import re
+import runpy
 import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine.snapshots import list_snapshots, read_snapshot
-from tests.kill_points import KillAt, run_forked
-from tests.run_fixtures import make_mini_root, one_thread
+from engine.snapshots import list_snapshots, load_snapshot, read_snapshot
+from tests.kill_points import BALLAST, FillAt, KillAt, run_forked
+from tests.run_fixtures import load_test_script, make_mini_root, one_thread
 
 pytestmark = pytest.mark.e2e
 
@@ -57,6 +68,7 @@ KILLS = [
     KillAt("torch_save_half", 1),  # the next attempt finds the run done: its keep policy's rewrite of 4.pth
 ]
 RANDOM_SEED = 24
+SEGMENT_RUNNING = ".segment-running.json"  # segment.RUNNING
 RANDOM_KILLS = 6
 
 
@@ -130,6 +142,13 @@ def _assert_nothing_half_written(log: Path) -> None:
         read_snapshot(path)
 
 
+def _segment(argv: list[str]) -> None:
+    """segment.py as its command line runs it (its one-line errors included)."""
+    sys.argv = ["segment.py", *argv]
+    with one_thread():
+        runpy.run_path(str(REPO / "segment.py"), run_name="__main__")
+
+
 def _finish(work: Callable[[], None], out: Path) -> None:
     assert run_forked(work, None, out) == 0, out.read_text()[-3000:]
 
@@ -183,8 +202,6 @@ TEST_KILLS = [
 def test_evaluation_killed_never_looks_finished_and_its_rerun_completes(
     data: Path, reference: tuple[Path, float], tmp_path: Path
 ):
-    from tests.run_fixtures import load_test_script
-
     script = load_test_script()
     updates = _updates(data, tmp_path) | {
         "reload_model_path": str(reference[0] / "4.pth"),
@@ -220,8 +237,6 @@ SEGMENT_KILLS = [
 def test_segmentation_killed_never_looks_finished_and_its_rerun_completes(
     data_root: Path, reference: tuple[Path, float], tmp_path: Path
 ):
-    import segment
-
     chaos = data_root / "CHAOST2" / "chaos_MR_T2_normalized"
     out_dir = tmp_path / "segmented"
     argv = [
@@ -232,20 +247,126 @@ def test_segmentation_killed_never_looks_finished_and_its_rerun_completes(
     ]  # fmt: skip
 
     def work() -> None:
-        with one_thread():
-            segment.main(argv)
+        _segment(argv)
 
     out = tmp_path / "out.txt"
     for kill in SEGMENT_KILLS:
         assert run_forked(work, kill, out) == -signal.SIGKILL, f"{kill}:\n{out.read_text()[-3000:]}"
         assert not (out_dir / "report.json").exists(), f"{out_dir} looks finished after {kill}"
-        assert (out_dir / segment.RUNNING).is_file()
+        assert (out_dir / SEGMENT_RUNNING).is_file()
     _finish(work, out)  # the same command, without --overwrite
     assert "replacing the outputs of a segment.py that did not finish" in out.read_text()
     report = json.loads((out_dir / "report.json").read_text())
     assert sorted(report["queries"]) == ["image_2", "image_3"]
-    assert not (out_dir / segment.RUNNING).exists()
+    assert not (out_dir / SEGMENT_RUNNING).exists()
     _assert_no_temporaries(out_dir)
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
         ["report.json", "image_2.nii.gz", "image_3.nii.gz", "image_2_overlays", "image_3_overlays"]
     )
+
+
+#: The one line of a full disk (after "cannot write <what>").
+ONE_LINE = (
+    r"(?P<file>\S+): No space left on device \((?P<folder>\S+) has \d+ KiB free(?P<needs>; the file needs "
+    r"[^)]+)?\)"
+)
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs at ``tmp_path/disk``, unmounted after the test."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _last_line(out: Path) -> str:
+    text = out.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    return text.rstrip().splitlines()[-1]
+
+
+def test_training_stops_at_a_full_disk_and_resumes_once_freed(
+    disk: Path, data: Path, reference: tuple[Path, float], tmp_path: Path
+):
+    updates = _updates(data, disk / "runs") | {"resume": True}
+    out = tmp_path / "out.txt"
+    assert run_forked(_train(updates), FillAt(disk, "4.pth", leave=16384), out) == 1
+    line = _last_line(out)
+    snapshots = disk / "runs" / FOLD / "snapshots"
+    said = re.fullmatch(
+        rf"train\.py: cannot write snapshot {ONE_LINE}; free space, then continue with resume=True", line
+    )
+    assert said and said["file"] == str(snapshots / "4.pth") and said["folder"] == str(snapshots), line
+    assert re.fullmatch(r"; the file needs about \d+ KiB", said["needs"] or ""), line  # its tensors' bytes
+    assert [p.name for _, p in list_snapshots(snapshots)] == ["2.pth"]
+    assert load_snapshot(snapshots / "2.pth")["step"] == 2  # intact, with its resume state
+    assert not [p for p in disk.rglob("*") if ".tmp" in p.name]
+
+    (disk / BALLAST).unlink()
+    _finish(_train(updates), out)
+    _assert_same_snapshots(snapshots, reference[0])
+    _assert_nothing_half_written(disk / "runs")
+
+
+def test_evaluation_stops_at_a_full_disk_and_reruns_once_freed(
+    disk: Path, data: Path, reference: tuple[Path, float], tmp_path: Path
+):
+    script = load_test_script()
+    updates = _updates(data, disk / "runs") | {
+        "reload_model_path": str(reference[0] / "4.pth"),
+        "test_label": [2],
+    }
+
+    def work() -> None:
+        with one_thread():
+            script.ex.run("test", named_configs=["debug"], config_updates=updates)
+
+    out = tmp_path / "out.txt"
+    assert run_forked(work, FillAt(disk, "pred_10.nii.gz", leave=0), out) == 1
+    line, failed = _last_line(out), disk / "runs" / FOLD / "test" / "1"
+    said = re.fullmatch(rf"test\.py: cannot write volume {ONE_LINE}", line)
+    assert said and said["file"] == str(failed / "predictions" / "RK" / "pred_10.nii.gz"), line
+    assert sorted(p.name for p in failed.iterdir() if p.name != "cout.txt") == ["config.json", "run.json"]
+
+    (disk / BALLAST).unlink()
+    _finish(work, out)
+    assert json.loads((disk / "runs" / FOLD / "test" / "2" / "results.json").read_text())["classes"]["RK"]
+    _assert_nothing_half_written(disk / "runs")
+
+
+def test_segmentation_stops_at_a_full_disk_and_reruns_once_freed(
+    disk: Path, data_root: Path, reference, tmp_path
+):
+    chaos = data_root / "CHAOST2" / "chaos_MR_T2_normalized"
+    segmented = disk / "segmented"
+    argv = [
+        "--checkpoint", str(reference[0] / "4.pth"), "--plugin", str(PLUGIN),
+        "--support-image", str(chaos / "image_1.nii.gz"), "--support-label", str(chaos / "label_1.nii.gz"),
+        "--label", "1", "--query", str(chaos / "image_2.nii.gz"), "--out", str(segmented),
+    ]  # fmt: skip
+
+    def work() -> None:
+        _segment(argv)
+
+    out = tmp_path / "out.txt"
+    assert run_forked(work, FillAt(disk, "image_2.nii.gz", leave=0), out) == 1
+    line = _last_line(out)
+    said = re.fullmatch(
+        rf"segment\.py: error: cannot write volume {ONE_LINE}; free space and run it again", line
+    )
+    assert said and said["file"] == str(segmented / "image_2.nii.gz"), line
+    assert not (segmented / "report.json").exists()
+
+    (disk / BALLAST).unlink()
+    _finish(work, out)
+    assert json.loads((segmented / "report.json").read_text())["queries"]["image_2"]
+    assert not [p for p in segmented.rglob("*") if ".tmp" in p.name]
