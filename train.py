@@ -38,7 +38,10 @@ snapshot (:mod:`engine.progress`; ``script/plot_run.py`` redraws it from ``metri
 Exact resume: episode ``i`` is a function of ``(seed, i)`` only (TrainDataset), the DataLoader's sampler
 starts at ``step * batch_size`` and owns its generator, and a snapshot holds the model, optimiser,
 scheduler, step and global RNG states, so a resumed run follows the loss trajectory of an uninterrupted
-one. A resume refuses a snapshot trained with other values of any key but those of
+one; a run killed at any moment (SIGKILL: no handler runs) resumes to the same final weights, bit for bit
+(tests/test_faults_kill.py), the temporaries it left being removed at the next start. A full disk stops
+the run with one line naming the file and the free space; the earlier snapshots are intact. A resume
+refuses a snapshot trained with other values of any key but those of
 :data:`config.RESUME_MAY_DIFFER` (a new key is protected by default). The first Ctrl-C (SIGINT) finishes
 the current step, writes a snapshot and stops with the one line
 "stopped at step N; continue with resume=True" (Sacred status INTERRUPTED, exit by SIGINT); a second one

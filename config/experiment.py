@@ -23,7 +23,8 @@ the config it records). A ``train`` run then takes the run folder's lock (:mod:`
 per run folder) and fetches a missing pretrained file when the network answers (:func:`fetch_pretrained`).
 
 Run folders: ``<path.log_dir>/<exp_str>/fold<eval_fold>/`` with ``train/<id>/`` and ``test/<id>/`` (Sacred
-``FileStorageObserver`` folders: resolved config, git commit, metrics, captured output, and for training
+file-storage folders, written by :class:`engine.observer.AtomicFileStorageObserver` so that a killed run
+leaves no half-written record: resolved config, git commit, metrics, captured output, and for training
 ``progress.png``; under torchrun, rank 0's only) and ``snapshots/<step>.pth``. Models never import this
 module.
 """

@@ -50,7 +50,9 @@ TEMPORARY = re.compile(r"^\..+\.tmp\d+")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 #: Named moments, in the order the chain of attempts meets them (4 steps, snapshots at 2 and 4, validation
-#: at 0, 2 and 4; the comment says where the run stands when the attempt is killed).
+#: at 0, 2 and 4; the comment says where the run stands when the attempt is killed). Only writes of the main
+#: thread: the moments of Sacred's heartbeat thread (metrics.json) vary with the machine's speed, and are
+#: left to the random kills.
 KILLS = [
     KillAt("after_rename", 1, ".lock"),  # the run folder's lock just taken
     KillAt("record_half", 1),  # Sacred's first run.json half-written
@@ -63,7 +65,7 @@ KILLS = [
     KillAt("step", 1),  # resumed from 2.pth: step 3 done
     KillAt("picture_half", 1),  # resumed: the progress.png of step 4's validation half-written
     KillAt("torch_save_half", 1),  # 4.pth half-written
-    KillAt("after_rename", 1, "metrics.json"),  # ... (the heartbeat at the end of a resumed attempt)
+    KillAt("after_rename", 1, "config.json"),  # resumed from 2.pth: Sacred's config.json just written
     KillAt("after_rename", 1, ".pth"),  # 4.pth in place, the keep policy not applied
     KillAt("torch_save_half", 1),  # the next attempt finds the run done: its keep policy's rewrite of 4.pth
 ]
@@ -171,19 +173,22 @@ def test_training_killed_at_named_moments_ends_as_an_uninterrupted_run(
 def test_training_killed_at_random_moments_ends_as_an_uninterrupted_run(
     data: Path, reference: tuple[Path, float], tmp_path: Path
 ):
-    """``kill -9`` from outside after seeded random delays, up to the length of an uninterrupted run."""
+    """``kill -9`` from outside after seeded random delays, up to half an uninterrupted run's length, until
+    :data:`RANDOM_KILLS` attempts were killed or one finished the run."""
     updates = _updates(data, tmp_path) | {"resume": True}
     out = tmp_path / "out.txt"
     chooser = random.Random(RANDOM_SEED)
     killed = 0
     for _ in range(RANDOM_KILLS):
-        status = run_forked(_train(updates), None, out, kill_after=chooser.uniform(0.2, reference[1]))
+        status = run_forked(_train(updates), None, out, kill_after=chooser.uniform(0.2, reference[1] / 2))
         assert status in (0, -signal.SIGKILL), out.read_text()[-3000:]
-        killed += status == -signal.SIGKILL
+        if status == 0:
+            break
+        killed += 1
     _finish(_train(updates), out)
     _assert_same_snapshots(tmp_path / FOLD / "snapshots", reference[0])
     _assert_nothing_half_written(tmp_path)
-    print(f"SIGKILL at {RANDOM_KILLS} random moments: {killed} landed before the run ended, all survived")
+    print(f"SIGKILL at random moments: {killed} landed before the run ended, {killed} survived")
 
 
 def _assert_no_temporaries(folder: Path) -> None:
