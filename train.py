@@ -230,6 +230,7 @@ def set_up(cfg: dict[str, Any], _log) -> Job:
     root = resolve_data_root(cfg["data_root"])
     folder = run_folder(cfg)
     if dist_context.is_main:  # what a run killed while writing left (the run folder's lock is ours)
+        remove_stale_temporaries(folder, _log)  # the lock's
         remove_stale_temporaries(folder / "snapshots", _log)
         remove_stale_temporaries(folder / "train", _log, recursive=True)
     _log.info(

@@ -54,6 +54,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: thread: the moments of Sacred's heartbeat thread (metrics.json) vary with the machine's speed, and are
 #: left to the random kills.
 KILLS = [
+    KillAt("before_rename", 1, ".lock"),  # the run folder's lock written, not renamed
     KillAt("after_rename", 1, ".lock"),  # the run folder's lock just taken
     KillAt("record_half", 1),  # Sacred's first run.json half-written
     KillAt("validation", 1),  # inside the validation of step 0
