@@ -20,7 +20,9 @@ for a DICOM query ``OUT/<Q>_seg.dcm`` (a DICOM SEG referencing the source series
 ``OUT/<Q>_overlays/`` (axial PNGs per organ, radiological orientation) and, last, ``OUT/report.json``
 (per query and organ: voxels, mL, slice range, support slices used; checkpoint path and SHA-256, preset,
 timings); a run that stops early leaves no report.json. Every file is written under a temporary name and
-renamed. Existing outputs are refused unless ``--overwrite``.
+renamed. Existing outputs are refused unless ``--overwrite``, except those of a run that did not finish
+(killed, or stopped by a full disk): ``OUT/.segment-running.json`` marks a run in progress until its
+report.json is written, and a rerun of the same command replaces what such a run left.
 
 The work is done by :mod:`inference` (``inference.segment`` / ``inference.Segmenter`` take and return
 SimpleITK images or arrays with geometry); this file only parses the command line and writes the files.
@@ -29,6 +31,9 @@ SimpleITK images or arrays with geometry); this file only parses the command lin
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -51,6 +56,11 @@ from inference.scans import (
 from inference.segmentations import SEG_SUFFIX, write_seg_nrrd
 from inference.segmenter import Segmenter
 from models import load_plugins
+from utils import disk_full, pid_alive, remove_stale_temporaries, timestamp
+
+#: The marker of a run in progress in the output folder, removed once report.json is written: outputs
+#: beside it are those of a run that was killed, which a rerun replaces without --overwrite.
+RUNNING = ".segment-running.json"
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -183,10 +193,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     report_path = args.out / "report.json"
     existing = [p for files in outputs.values() for p in files.files() if p.exists()]
     existing += [report_path] if report_path.exists() else []
-    if existing and not args.overwrite:
+    unfinished = None if args.overwrite else unfinished_run(args.out)
+    if existing and not args.overwrite and unfinished is None:
         raise FileExistsError(
             f"outputs exist (pass --overwrite to replace them): {[str(p) for p in existing]}"
         )
+    if unfinished is not None:
+        print(f"{args.out}: replacing the outputs of a segment.py that did not finish ({unfinished})")
     ranges = args.query_range or [None]
     if len(ranges) not in (1, len(args.query)):
         raise ValueError(
@@ -229,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         support_image, support_label, labels, reorient=not args.keep_orientation, sources=sources
     )
     args.out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(args.out)
+    write_json({"pid": os.getpid(), "host": socket.gethostname(), "started": timestamp()}, args.out / RUNNING)
     report_path.unlink(missing_ok=True)  # a stale report must not describe this run's outputs
     report = {
         "checkpoint": segmenter.checkpoint.report(),
@@ -291,8 +306,30 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(f"{name}: {found} -> {files.label_map}, {files.segmentation.name}", flush=True)
     report["timings_s"]["total"] = time.perf_counter() - started
     write_json(report, report_path)
+    (args.out / RUNNING).unlink()
     print(f"report: {report_path}", flush=True)
     return report_path
+
+
+def unfinished_run(out: Path) -> str | None:
+    """How the segment.py that left :data:`RUNNING` in ``out`` and did not finish is described, or None
+    when there is no such marker; a live one on this machine is an error (two runs, one folder)."""
+    try:
+        marker = json.loads((out / RUNNING).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        message = f"{out / RUNNING}: unreadable ({err}); delete it if no segment.py writes {out}"
+        raise ValueError(message) from err
+    said = f"pid {marker.get('pid')} on {marker.get('host')}, started {marker.get('started')}"
+    if marker.get("host") != socket.gethostname():
+        raise FileExistsError(
+            f"{out} is being written by a segment.py on another machine ({said}), or was left by one that "
+            f"did not finish: pass --overwrite to replace its outputs"
+        )
+    if marker.get("pid") != os.getpid() and pid_alive(int(marker.get("pid", 0))):
+        raise FileExistsError(f"{out} is being written by another segment.py ({said})")
+    return said
 
 
 if __name__ == "__main__":
@@ -300,3 +337,7 @@ if __name__ == "__main__":
         main()
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         sys.exit(f"segment.py: error: {err}")
+    except OSError as err:
+        if not (full := disk_full(err)):
+            raise
+        sys.exit(f"segment.py: error: {full}; free space and run it again")

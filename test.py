@@ -24,7 +24,10 @@ validation during training uses too). This script adds the saved outputs, in the
 Before anything is evaluated (config hook, then here): the checkpoint must have been trained with the same
 ``dataset``, ``eval_fold``, ``setting`` and ``image_size`` (``allow_cross_eval=True`` allows a deliberate
 cross-evaluation), and every test class must be in the support volume and in at least one query volume. A
-run that fails part-way removes the predictions and overlays it wrote and writes no results.json.
+run that fails part-way removes the predictions and overlays it wrote and writes no results.json (a full
+disk ends it with one line naming the file, the folder's free space and what the file needs); one killed
+(SIGKILL) leaves a run folder without results.json, Sacred status RUNNING, which ``script/summarize.py``
+flags, and the next evaluation removes the temporaries it left.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ from config import cross_evaluation, evaluated_checkpoint, ex, output_dir
 from dataloaders import TestDataset, get_dataset_info
 from dataloaders.test_dataset import check_fold_classes
 from engine.evaluation import evaluate_class, save_overlay, save_prediction_nifti
+from engine.observer import remove_stale_run_temporaries
 from engine.runtime import apply_memory_format
 from models import get_method, load_model, read_model_checkpoint
-from utils import resolve_data_root, resolve_device, set_seed, write_atomically
+from utils import disk_full, resolve_data_root, resolve_device, set_seed, write_atomically
 
 #: Subfolders of the run folder that hold per-volume outputs (removed again when the run fails).
 OUTPUT_FOLDERS = ("predictions", "overlays")
@@ -108,6 +112,7 @@ def test(_run, _log, _config) -> float:
     model, _ = load_model(weights, cfg["method"], get_method(cfg["method"]).options_of(cfg))
     apply_memory_format(model.to(torch_device), cfg["channels_last"]).eval()
     out_dir = output_dir(_run, cfg, "test")
+    remove_stale_run_temporaries(out_dir.parent, _log)  # left by evaluations killed while writing
     _log.info(f"checkpoint {checkpoint}; device {torch_device}; outputs in {out_dir}")
 
     results: dict[str, Any] = {
@@ -136,16 +141,19 @@ def test(_run, _log, _config) -> float:
                 _log.warning(f"{name}: query case {case_id} has no {name} voxels; skipped")
             results["classes"][name] = entry
             _run.log_scalar(f"dice_{name}", entry["mean_dice"])
-    except BaseException:
+        per_class = list(results["classes"].values())
+        results["mean_dice"] = sum(e["mean_dice"] for e in per_class) / len(per_class)
+        results["mean_iou"] = sum(e["mean_iou"] for e in per_class) / len(per_class)
+        results["config"] = cfg
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Last: a run folder holding results.json is a finished evaluation.
+        write_atomically(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+    except BaseException as err:
         for folder in OUTPUT_FOLDERS:
             shutil.rmtree(out_dir / folder, ignore_errors=True)
+        if full := disk_full(err):
+            raise SystemExit(f"test.py: {full}") from err
         raise
-    per_class = list(results["classes"].values())
-    results["mean_dice"] = sum(e["mean_dice"] for e in per_class) / len(per_class)
-    results["mean_iou"] = sum(e["mean_iou"] for e in per_class) / len(per_class)
-    results["config"] = cfg
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
     table = _results_table(results)
     _log.info(f"{cfg['dataset']} fold {cfg['eval_fold']}, supp_idx {cfg['supp_idx']}:\n{table}")
     _log.info(f"wrote {out_dir / 'results.json'}")

@@ -38,7 +38,10 @@ snapshot (:mod:`engine.progress`; ``script/plot_run.py`` redraws it from ``metri
 Exact resume: episode ``i`` is a function of ``(seed, i)`` only (TrainDataset), the DataLoader's sampler
 starts at ``step * batch_size`` and owns its generator, and a snapshot holds the model, optimiser,
 scheduler, step and global RNG states, so a resumed run follows the loss trajectory of an uninterrupted
-one. A resume refuses a snapshot trained with other values of any key but those of
+one; a run killed at any moment (SIGKILL: no handler runs) resumes to the same final weights, bit for bit
+(tests/test_faults_kill.py), the temporaries it left being removed at the next start. A full disk stops
+the run with one line naming the file and the free space; the earlier snapshots are intact. A resume
+refuses a snapshot trained with other values of any key but those of
 :data:`config.RESUME_MAY_DIFFER` (a new key is protected by default). The first Ctrl-C (SIGINT) finishes
 the current step, writes a snapshot and stops with the one line
 "stopped at step N; continue with resume=True" (Sacred status INTERRUPTED, exit by SIGINT); a second one
@@ -99,9 +102,22 @@ from engine.runtime import (
     unwrap,
     wrap_distributed,
 )
-from engine.snapshots import latest_snapshot, load_resume_snapshot, restore_training_state, save_snapshot
+from engine.snapshots import (
+    apply_keep_policy,
+    latest_snapshot,
+    load_resume_snapshot,
+    restore_training_state,
+    save_snapshot,
+)
 from models import Method, get_method
-from utils import capture_rng_state, remove_stale_temporaries, resolve_data_root, resolve_device, set_seed
+from utils import (
+    capture_rng_state,
+    disk_full,
+    remove_stale_temporaries,
+    resolve_data_root,
+    resolve_device,
+    set_seed,
+)
 
 
 def lr_milestones(n_steps: int, max_iters_per_load: int) -> list[int]:
@@ -213,8 +229,10 @@ def set_up(cfg: dict[str, Any], _log) -> Job:
     weights_file = resolve_pretrained_path(cfg["pretrained_weights"], cfg["pretrained_path"])
     root = resolve_data_root(cfg["data_root"])
     folder = run_folder(cfg)
-    if dist_context.is_main:
-        remove_stale_temporaries(folder / "snapshots", _log)  # left by a run killed while writing one
+    if dist_context.is_main:  # what a run killed while writing left (the run folder's lock is ours)
+        remove_stale_temporaries(folder, _log)  # the lock's
+        remove_stale_temporaries(folder / "snapshots", _log)
+        remove_stale_temporaries(folder / "train", _log, recursive=True)
     _log.info(
         f"device {device}; data root {root}; run folder {folder}; rank {dist_context.rank} of "
         f"{dist_context.world_size}"
@@ -360,6 +378,10 @@ def train(_run, _log, _config) -> str:
     stop = EARLY_STOP or StopRequest(interrupt=False)
     try:
         return train_fold(_run, _log, cfg, stop)
+    except OSError as err:
+        if full := disk_full(err):  # one line; the snapshots before it are intact (engine.snapshots)
+            raise SystemExit(f"train.py: {full}; free space, then continue with resume=True") from err
+        raise
     finally:
         stop.close()
         if int(os.environ.get("RANK", "0")) == 0:
@@ -372,6 +394,8 @@ def train_fold(_run, _log, cfg: dict[str, Any], stop: StopRequest) -> str:
     start_step, n_steps = resume(job, cfg, _log), cfg["n_steps"]
     final = job.snapshot_dir / f"{n_steps}.pth"
     if start_step >= n_steps:
+        if job.dist.is_main:  # a run killed after its final snapshot, before the keep policy was applied
+            apply_keep_policy(job.snapshot_dir, n_steps, final=True)
         _log.info(f"nothing to do: the newest snapshot is at step {start_step} of {n_steps}")
         return str(final)
     # Wrapped after loading, so the snapshot's (unprefixed) state dict loads into the plain model.

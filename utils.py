@@ -14,6 +14,7 @@ leaves only a temporary that :func:`remove_stale_temporaries` recognises.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -151,6 +152,7 @@ def write_atomically(
     what: str = "file",
     verify: Callable[[Path], None] | None = None,
     keep_suffix: bool = False,
+    needs: int | None = None,
 ) -> Path:
     """Write ``path`` through its hidden temporary: ``write(tmp)`` writes the content, which is flushed to
     disk and checked by ``verify(tmp)`` (when given) before ``os.replace`` puts it in place; the folder is
@@ -159,7 +161,9 @@ def write_atomically(
     ``write`` may also make a folder (e.g. a set of pictures): it then replaces an existing folder of that
     name, whose old contents go just before the new ones arrive (a folder cannot be swapped in one step).
     A failure removes the temporary and leaves an existing ``path`` as it was; an ``OSError`` (disk full,
-    ...) is raised again as ``OSError`` naming ``what``, the file and the cause. Returns ``path``.
+    ...) is raised again as ``OSError`` naming ``what``, the file and the cause; a full disk (``ENOSPC``,
+    ``EDQUOT``) adds the folder's free space and what the file needs (``needs`` bytes where the caller knows
+    it, else at least what was written when the write failed). Returns ``path``.
     """
     path = Path(path)
     tmp = temporary_path(path, keep_suffix)
@@ -178,18 +182,55 @@ def write_atomically(
         if not err.errno:  # a message of our own (a writer that failed), kept as it is
             raise OSError(f"cannot write {what} {path}: {err}") from err
         cause = err.strerror or os.strerror(err.errno)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            cause += _space_note(path.parent, tmp, needs)
         raise OSError(err.errno, f"cannot write {what} {path}: {cause}") from err
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
     return path
+
+
+def disk_full(err: BaseException | None) -> str | None:
+    """What a full disk (or an exhausted quota) said, where ``err`` or an error it was raised from is
+    one (the message without its ``[Errno 28]``); None otherwise."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err.strerror or str(err)
+        err = err.__cause__
+    return None
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.0f} KiB"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _space_note(folder: Path, tmp: Path, needs: int | None) -> str:
+    """``' (<folder> has X MiB free; the file needs ...)'`` for a write that found the disk full: the free
+    space once the temporary is gone."""
+    try:
+        written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+        written = written or (tmp.stat().st_size if tmp.is_file() else 0)
+        _remove(tmp)
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    if needs:
+        return f" ({folder} has {_size(free)} free; the file needs about {_size(needs)})"
+    if written:
+        return f" ({folder} has {_size(free)} free; the file needs more than the {_size(written)} written)"
+    return f" ({folder} has {_size(free)} free)"
 
 
 def utc_now() -> datetime:
@@ -259,27 +300,37 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, log: logging.Logger | None = None) -> list[Path]:
-    """Delete the temporaries of :func:`write_atomically` that processes killed while writing left in
-    ``folder``; returns the removed paths.
+def remove_stale_temporaries(
+    folder: str | os.PathLike, log: logging.Logger | None = None, recursive: bool = False
+) -> list[Path]:
+    """Delete the temporaries (files or folders) of :func:`write_atomically` that processes killed while
+    writing left in ``folder`` (with ``recursive``, in its subfolders too); returns the removed paths.
 
     A temporary whose process still runs on this machine is kept; this process's own pid counts as dead
     (call it before this process writes: a leftover with its pid is from an earlier process that had the
-    same id).
+    same id). Only the folders of one writer (a run folder under its lock, an output folder) are swept: a
+    process of another machine that writes there is not seen.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for entry in sorted(folder.iterdir()):
+    entries = sorted(folder.rglob(".*") if recursive else folder.iterdir())
+    for entry in entries:
         match = _TEMPORARY.match(entry.name)
-        if match is None or not entry.is_file():
+        if match is None or any(entry.is_relative_to(gone) for gone in removed):
             continue
         pid = int(match.group("pid"))
         if pid != os.getpid() and pid_alive(pid):
             continue
-        size = entry.stat().st_size
-        entry.unlink(missing_ok=True)
+        if entry.is_dir() and not entry.is_symlink():
+            size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_file():
+            size = entry.stat().st_size
+            entry.unlink(missing_ok=True)
+        else:
+            continue
         removed.append(entry)
         (log or logger).warning(
             f"removed {entry} ({size / 2**20:.0f} MiB), left by process {pid} that died while writing "

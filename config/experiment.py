@@ -23,7 +23,8 @@ the config it records). A ``train`` run then takes the run folder's lock (:mod:`
 per run folder) and fetches a missing pretrained file when the network answers (:func:`fetch_pretrained`).
 
 Run folders: ``<path.log_dir>/<exp_str>/fold<eval_fold>/`` with ``train/<id>/`` and ``test/<id>/`` (Sacred
-``FileStorageObserver`` folders: resolved config, git commit, metrics, captured output, and for training
+file-storage folders, written by :class:`engine.observer.AtomicFileStorageObserver` so that a killed run
+leaves no half-written record: resolved config, git commit, metrics, captured output, and for training
 ``progress.png``; under torchrun, rank 0's only) and ``snapshots/<step>.pth``. Models never import this
 module.
 """
@@ -46,6 +47,7 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from config.values import check_run_files, check_values, run_folder
 from dataloaders.datasets import get_dataset_info
+from engine.observer import AtomicFileStorageObserver
 from engine.runlock import acquire
 from models.methods import DEFAULT_METHOD, get_method, load_plugins, method_names, owners_of
 
@@ -276,7 +278,7 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
         if command_name == "train":
             # One writer per run folder, taken before Sacred makes train/<id> (train.py releases it).
             acquire(run_folder(config), "train.py", logger)
-        ex.observers.append(FileStorageObserver(str(run_folder(config) / command_name)))
+        ex.observers.append(AtomicFileStorageObserver(str(run_folder(config) / command_name)))
     return {"mode": command_name}
 
 

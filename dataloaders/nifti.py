@@ -19,8 +19,10 @@ NaN/±Inf into 0. :func:`read_header` reads the header only (shape checks before
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,7 +394,8 @@ def write_volume(
     array: np.ndarray, geometry: Geometry, path: str | os.PathLike, backend: str | None = None
 ) -> Path:
     """Write a ``(Z, H, W)`` array with ``geometry`` (e.g. a prediction saved beside its query volume),
-    through :func:`utils.write_atomically` (no partial file is ever visible under ``path``).
+    through :func:`utils.write_atomically` (no partial file is ever visible under ``path``), read back whole
+    before it is renamed into place.
 
     Both backends write the array's dtype, qform and sform (code 1, scanner) and millimetre units, so either
     reads the file back with the same array and geometry.
@@ -416,4 +419,15 @@ def write_volume(
         def write(tmp: Path) -> None:
             nib.save(image, str(tmp))
 
-    return write_atomically(path, write, what="volume", keep_suffix=True)
+    return write_atomically(path, write, what="volume", keep_suffix=True, verify=_check_written)
+
+
+def _check_written(tmp: Path) -> None:
+    """The written file reads back whole: nibabel on a full disk leaves an empty file and raises nothing
+    (seen on a full tmpfs), which is then reported as the full disk it is."""
+    try:
+        read_nifti_bytes(tmp)
+    except ValueError as err:
+        if shutil.disk_usage(tmp.parent).free < 2**20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from err
+        raise OSError(f"it does not read back: {err}") from err

@@ -59,7 +59,20 @@ def _write_torch(path: Path, payload: dict[str, Any], what: str) -> None:
         save,
         what=what,
         verify=lambda tmp: verify_checkpoint_file(tmp, what),
+        needs=_tensor_bytes(payload),
     )
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a (nested) payload: about the size of its file (named when the disk is
+    full)."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
 
 
 def save_snapshot(
