@@ -52,12 +52,17 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """The global random states a training step consumes (Python, NumPy, torch CPU, every CUDA device)."""
+    """The global random states a training step consumes (Python, NumPy, torch CPU, every CUDA device).
+
+    Tensors and plain types only (a snapshot is read with ``weights_only=True``): NumPy's state is
+    ``(name, key as a list of ints, pos, has_gauss, cached_gaussian)``.
+    """
     import torch
 
+    name, key, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the legacy global state)
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 (the legacy global state is what is saved)
+        "numpy": (str(name), key.tolist(), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -68,7 +73,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     import torch
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002 (restores the legacy global state)
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

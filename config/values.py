@@ -14,6 +14,7 @@ from dataloaders.train_dataset import EXCLUSION_MODES
 from engine.runtime import PRECISIONS, SGD_IMPLS
 from engine.snapshots import latest_snapshot
 from models.encoder import PRETRAINED
+from models.files import check_plain_data
 from models.methods import DEFAULT_METHOD, get_method, method_names
 from models.weights import recorded_config
 from utils import resolve_data_root, resolve_device
@@ -229,7 +230,11 @@ def check_run_files(config: dict[str, Any], command: str) -> None:
     checkpoint and the config it records (test; see :data:`CROSS_EVAL_KEYS`)."""
     resolve_device(config["device"])
     if command == "train":
-        resolve_pretrained_path(config["pretrained_weights"], config["pretrained_path"], download=True)
+        pretrained = resolve_pretrained_path(
+            config["pretrained_weights"], config["pretrained_path"], download=True
+        )
+        if pretrained is not None and pretrained.is_file():
+            check_plain_data(pretrained, f"pretrained checkpoint ({config['pretrained_weights']!r})")
     resolve_data_root(config["data_root"])
     if command == "train":
         newest = latest_snapshot(run_folder(config) / "snapshots")
@@ -238,6 +243,8 @@ def check_run_files(config: dict[str, Any], command: str) -> None:
                 f"{newest.parent} already holds snapshots (newest {newest.name}): pass resume=True to "
                 "continue that run, or choose another path.log_dir"
             )
+        if newest is not None:
+            check_plain_data(newest, "snapshot")  # refused before any work (resume would refuse it later)
     if command == "test":
         checkpoint = evaluated_checkpoint(config)
         recorded = recorded_config(checkpoint)
