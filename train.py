@@ -100,7 +100,8 @@ from engine.runtime import (
     wrap_distributed,
 )
 from engine.snapshots import latest_snapshot, load_resume_snapshot, restore_training_state, save_snapshot
-from models import Method, get_method
+from models import Method, get_method, load_model_weights, read_model_checkpoint
+from models.loading import checkpoint_method
 from utils import capture_rng_state, remove_stale_temporaries, resolve_data_root, resolve_device, set_seed
 
 
@@ -303,6 +304,16 @@ def resume(job: Job, cfg: dict[str, Any], _log) -> int:
     return step
 
 
+def initialise_from(job: Job, cfg: dict[str, Any], _log) -> None:
+    """``init_from``: the weights training starts from (fine-tuning; the optimiser starts afresh), read and
+    loaded with the checks of every checkpoint (plain data, the run's method, strict names and shapes)."""
+    checkpoint = read_model_checkpoint(cfg["init_from"])
+    checkpoint_method(checkpoint, cfg["method"])
+    load_model_weights(job.model, checkpoint)
+    step = "" if checkpoint.step is None else f" (step {checkpoint.step})"
+    _log.info(f"init_from: starting from the weights of {checkpoint.path}{step}")
+
+
 def episode_loader(job: Job, cfg: dict[str, Any], start_step: int) -> DataLoader:
     """This rank's episodes from ``start_step`` on (:class:`runtime.EpisodeIndices`)."""
     if cfg["num_workers"] > 0:
@@ -370,6 +381,8 @@ def train_fold(_run, _log, cfg: dict[str, Any], stop: StopRequest) -> str:
     """Set-up, resume, then the loop; a stop request ends it after a snapshot (:class:`TrainingStopped`)."""
     job = set_up(cfg, _log)
     start_step, n_steps = resume(job, cfg, _log), cfg["n_steps"]
+    if start_step == 0 and cfg["init_from"]:
+        initialise_from(job, cfg, _log)
     final = job.snapshot_dir / f"{n_steps}.pth"
     if start_step >= n_steps:
         _log.info(f"nothing to do: the newest snapshot is at step {start_step} of {n_steps}")

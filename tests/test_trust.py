@@ -190,6 +190,31 @@ def test_train_py_pretrained_path_refuses(attack, data_root, tmp_path):
     assert not attack["marker"].exists() and not log.exists()
 
 
+def test_train_py_init_from_refuses(attack, data_root, tmp_path):
+    log = tmp_path / "runs"
+    with pytest.raises(UntrustedCheckpoint) as err:
+        _run("train", data_root, log, init_from=str(attack["snapshot"]))
+    _refused(str(err.value), attack["snapshot"])
+    assert not attack["marker"].exists() and not log.exists()
+
+
+def test_launcher_status_reads_the_job_log_not_its_pickle(tmp_path):
+    """The error of a job that raised comes from its stderr log; a result pickle beside it is never read."""
+    from launcher.clusters import JOBS_FOLDER
+    from launcher.status import SUBMITIT_RAISED, result_error
+
+    folder = tmp_path / JOBS_FOLDER / "42"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "payload_ran"
+    torch.save(RunsCode(marker), folder / "42_0_result.pkl")
+    log = f"warming up\nERROR {SUBMITIT_RAISED}\nTraceback:\n  x\nOSError: gone\n"
+    (folder / "42_0_log.err").write_text(log)
+    assert result_error(tmp_path, "42") == "OSError: gone"
+    assert not marker.exists()
+    (folder / "42_0_log.err").write_text("a warning\n")
+    assert result_error(tmp_path, "42") is None
+
+
 # Our own snapshots, and those written before the rule.
 
 
