@@ -24,7 +24,6 @@ SimpleITK images or arrays with geometry); this file only parses the command lin
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from inference.scans import (
 )
 from inference.segmenter import Segmenter
 from models import load_plugins
+from utils import run_cli
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -243,7 +243,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        sys.exit(f"segment.py: error: {err}")
+    run_cli(main, "segment.py")

@@ -83,6 +83,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from config import ex, output_dir, resolve_pretrained_path, resume_differences, run_folder
+from config.experiment import run_commandline
 from dataloaders import TestDataset, TrainDataset, get_dataset_info, list_cases, worker_init_fn
 from dataloaders.test_dataset import check_fold_classes
 from engine.label_free import LabelFreeEpisodes, label_free_episodes
@@ -440,7 +441,7 @@ def train_fold(_run, _log, cfg: dict[str, Any], stop: StopRequest) -> str:
 if __name__ == "__main__":
     EARLY_STOP = StopRequest(interrupt=False)
     try:
-        ex.run_commandline()
+        run_commandline("train.py")
     except TrainingStopped as stopped:
         print(stopped, file=sys.stderr)
         # Die of the signal that asked for the stop, as an uncaught KeyboardInterrupt dies of SIGINT: the

@@ -19,10 +19,11 @@ import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -49,6 +50,21 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
     torch.backends.cudnn.deterministic = bool(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
+
+
+#: A user's mistake as a command meets it (a wrong path, a missing folder, a bad value): one line.
+USER_ERRORS = (ValueError, OSError)
+
+
+def run_cli(main: Callable[..., Any], prog: str, argv: list[str] | None = None) -> NoReturn:
+    """Run a command's ``main`` and exit: its status (an int; anything else is 0), or, for a
+    :data:`USER_ERRORS` exception, ``<prog>: error: <message>`` on stderr and status 1, never a traceback
+    (argparse answers a bad option itself, with status 2)."""
+    try:
+        code = main() if argv is None else main(argv)
+    except USER_ERRORS as err:
+        sys.exit(f"{prog}: error: {err}")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def capture_rng_state() -> dict[str, Any]:

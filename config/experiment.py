@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from config.values import check_run_files, check_values, run_folder
 from dataloaders.datasets import get_dataset_info
 from engine.runlock import acquire
 from models.methods import DEFAULT_METHOD, get_method, load_plugins, method_names, owners_of
+from utils import USER_ERRORS
 
 # 'sys' capture works everywhere (the default 'fd' spawns `tee`); tqdm's carriage returns are collapsed.
 sacred.SETTINGS.CAPTURE_MODE = "sys"
@@ -346,6 +348,26 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
             acquire(run_folder(config), "train.py", logger)
         ex.observers.append(FileStorageObserver(str(run_folder(config) / command_name)))
     return {"mode": command_name}
+
+
+def run_commandline(prog: str, argv: list[str] | None = None):
+    """``ex.run_commandline`` for ``train.py``, ``test.py`` and ``python -m config``: a user's mistake
+    (:data:`utils.USER_ERRORS`, or anything the config hook refuses: the checks of keys, values and files)
+    is one line ``<prog>: error: <message>`` and exit status 1 instead of Sacred's traceback; the run's
+    ``run.json`` still records the whole traceback of a run that started. ``--debug`` (``-d``) shows
+    Sacred's own output."""
+    argv = list(sys.argv if argv is None else argv)
+    if "--debug" in argv or "-d" in argv:
+        return ex.run_commandline(argv)
+    ex.current_run = None
+    try:
+        return ex.run_commandline([*argv, "--debug"])  # Sacred re-raises instead of printing a traceback
+    except USER_ERRORS as err:
+        sys.exit(f"{prog}: error: {err}")
+    except Exception as err:
+        if ex.current_run is not None:  # a failure of the run itself, not of its config: the traceback
+            raise
+        sys.exit(f"{prog}: error: {type(err).__name__}: {err}")
 
 
 @ex.command(unobserved=True)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from models.files import UntrustedCheckpoint, load_torch_file, load_trusted_torch_file, verify_checkpoint_file
-from utils import write_atomically
+from utils import run_cli, write_atomically
 
 #: Types kept as they are (``torch.load(weights_only=True)`` reads them).
 _ATOMS = (torch.Tensor, torch.Size, torch.dtype, torch.device, str, bytes, int, float, bool, type(None))
@@ -96,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, "convert_checkpoint")
