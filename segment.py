@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ from inference.scans import (
 from inference.segmentations import SEG_SUFFIX, write_seg_nrrd
 from inference.segmenter import Segmenter
 from models import load_plugins
-from utils import disk_full, pid_alive, remove_stale_temporaries, timestamp
+from utils import pid_alive, remove_stale_temporaries, run_cli, timestamp
 
 #: The marker of a run in progress in the output folder, removed once report.json is written: outputs
 #: beside it are those of a run that was killed, which a rerun replaces without --overwrite.
@@ -333,11 +332,4 @@ def unfinished_run(out: Path) -> str | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        sys.exit(f"segment.py: error: {err}")
-    except OSError as err:
-        if not (full := disk_full(err)):
-            raise
-        sys.exit(f"segment.py: error: {full}; free space and run it again")
+    run_cli(main, "segment.py")

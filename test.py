@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from config import cross_evaluation, evaluated_checkpoint, ex, output_dir
+from config.experiment import run_commandline
 from dataloaders import TestDataset, get_dataset_info
 from dataloaders.test_dataset import check_fold_classes
 from engine.evaluation import evaluate_class, save_overlay, save_prediction_nifti
@@ -164,4 +165,4 @@ if __name__ == "__main__":
     # SIGTERM (a scheduler or the grid's job stopping the evaluation) ends it as Ctrl-C does: the outputs
     # written so far are removed and Sacred records the run as INTERRUPTED.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    ex.run_commandline()
+    run_commandline("test.py")

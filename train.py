@@ -86,6 +86,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from config import ex, output_dir, resolve_pretrained_path, resume_differences, run_folder
+from config.experiment import run_commandline
 from dataloaders import TestDataset, TrainDataset, get_dataset_info, list_cases, worker_init_fn
 from dataloaders.test_dataset import check_fold_classes
 from engine.label_free import LabelFreeEpisodes, label_free_episodes
@@ -109,7 +110,8 @@ from engine.snapshots import (
     restore_training_state,
     save_snapshot,
 )
-from models import Method, get_method
+from models import Method, get_method, load_model_weights, read_model_checkpoint
+from models.loading import checkpoint_method
 from utils import (
     capture_rng_state,
     disk_full,
@@ -321,6 +323,16 @@ def resume(job: Job, cfg: dict[str, Any], _log) -> int:
     return step
 
 
+def initialise_from(job: Job, cfg: dict[str, Any], _log) -> None:
+    """``init_from``: the weights training starts from (fine-tuning; the optimiser starts afresh), read and
+    loaded with the checks of every checkpoint (plain data, the run's method, strict names and shapes)."""
+    checkpoint = read_model_checkpoint(cfg["init_from"])
+    checkpoint_method(checkpoint, cfg["method"])
+    load_model_weights(job.model, checkpoint)
+    step = "" if checkpoint.step is None else f" (step {checkpoint.step})"
+    _log.info(f"init_from: starting from the weights of {checkpoint.path}{step}")
+
+
 def episode_loader(job: Job, cfg: dict[str, Any], start_step: int) -> DataLoader:
     """This rank's episodes from ``start_step`` on (:class:`runtime.EpisodeIndices`)."""
     if cfg["num_workers"] > 0:
@@ -392,6 +404,8 @@ def train_fold(_run, _log, cfg: dict[str, Any], stop: StopRequest) -> str:
     """Set-up, resume, then the loop; a stop request ends it after a snapshot (:class:`TrainingStopped`)."""
     job = set_up(cfg, _log)
     start_step, n_steps = resume(job, cfg, _log), cfg["n_steps"]
+    if start_step == 0 and cfg["init_from"]:
+        initialise_from(job, cfg, _log)
     final = job.snapshot_dir / f"{n_steps}.pth"
     if start_step >= n_steps:
         if job.dist.is_main:  # a run killed after its final snapshot, before the keep policy was applied
@@ -451,7 +465,7 @@ def train_fold(_run, _log, cfg: dict[str, Any], stop: StopRequest) -> str:
 if __name__ == "__main__":
     EARLY_STOP = StopRequest(interrupt=False)
     try:
-        ex.run_commandline()
+        run_commandline("train.py")
     except TrainingStopped as stopped:
         print(stopped, file=sys.stderr)
         # Die of the signal that asked for the stop, as an uncaught KeyboardInterrupt dies of SIGINT: the

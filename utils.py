@@ -20,10 +20,11 @@ import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -52,13 +53,34 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+#: A user's mistake as a command meets it (a wrong path, a missing folder, a bad value): one line.
+USER_ERRORS = (ValueError, OSError)
+
+
+def run_cli(main: Callable[..., Any], prog: str, argv: list[str] | None = None) -> NoReturn:
+    """Run a command's ``main`` and exit: its status (an int; anything else is 0), or, for a
+    :data:`USER_ERRORS` exception, ``<prog>: error: <message>`` on stderr and status 1, never a traceback
+    (argparse answers a bad option itself, with status 2). A full disk says so and what to do."""
+    try:
+        code = main() if argv is None else main(argv)
+    except USER_ERRORS as err:
+        full = disk_full(err)
+        sys.exit(f"{prog}: error: {full}; free space and run it again" if full else f"{prog}: error: {err}")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def capture_rng_state() -> dict[str, Any]:
-    """The global random states a training step consumes (Python, NumPy, torch CPU, every CUDA device)."""
+    """The global random states a training step consumes (Python, NumPy, torch CPU, every CUDA device).
+
+    Tensors and plain types only (a snapshot is read with ``weights_only=True``): NumPy's state is
+    ``(name, key as a list of ints, pos, has_gauss, cached_gaussian)``.
+    """
     import torch
 
+    name, key, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the legacy global state)
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 (the legacy global state is what is saved)
+        "numpy": (str(name), key.tolist(), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -69,7 +91,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     import torch
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002 (restores the legacy global state)
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

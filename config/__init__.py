@@ -5,6 +5,7 @@ this package. ``python -m config print_run_root with ...`` prints a run's folder
 """
 
 from config.experiment import (
+    COMMAND_ONLY_KEYS,
     RUN_COMMANDS,
     base_config_keys,
     config_keys,
@@ -12,6 +13,7 @@ from config.experiment import (
     flatten_keys,
     output_dir,
     resolve_config,
+    with_args_for,
 )
 from config.pretrained import (
     WEIGHTS_COMMAND,
@@ -34,6 +36,7 @@ from config.values import (
 )
 
 __all__ = [
+    "COMMAND_ONLY_KEYS",
     "CROSS_EVAL_KEYS",
     "KEYS_ADDED_LATER",
     "RESUME_MAY_DIFFER",
@@ -56,4 +59,5 @@ __all__ = [
     "resolve_pretrained_path",
     "resume_differences",
     "run_folder",
+    "with_args_for",
 ]

@@ -1,5 +1,5 @@
 """``python -m config <command> with ...``: the experiment's own commands (``print_run_root``)."""
 
-from config import ex
+from config.experiment import run_commandline
 
-ex.run_commandline()
+run_commandline("python -m config")

@@ -11,7 +11,9 @@ The base config holds the official defaults under the official key names (``data
 ``supp_idx``, ``n_part``, ``n_steps``, ``test_label``, ``exclude_label``, ``use_gt``, ``reload_model_path``,
 ``path.log_dir``, ``seed``, ``optim.lr`` ...), so the official training and evaluation commands keep
 working; the keys this project adds are documented in place. Every key is read by ``train.py`` or
-``test.py``. A ``with`` override of a key that does not exist (including nested ones such as
+``test.py``; a key that only one of them reads, given to the other (``train.py with reload_model_path=...``),
+is refused by name (:data:`COMMAND_ONLY_KEYS`). ``init_from`` starts training from a checkpoint's weights.
+A ``with`` override of a key that does not exist (including nested ones such as
 ``path.log_dri``, which Sacred itself lets through) is an error.
 
 Every value is checked with its key's name before any folder is made or any volume read
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -43,20 +46,89 @@ from typing import Any
 import sacred
 from sacred import Experiment
 from sacred.observers import FileStorageObserver
-from sacred.utils import apply_backspaces_and_linefeeds
+from sacred.utils import apply_backspaces_and_linefeeds, convert_to_nested_dict
 
 from config.values import check_run_files, check_values, run_folder
 from dataloaders.datasets import get_dataset_info
 from engine.observer import AtomicFileStorageObserver
 from engine.runlock import acquire
 from models.methods import DEFAULT_METHOD, get_method, load_plugins, method_names, owners_of
+from utils import USER_ERRORS
 
 # 'sys' capture works everywhere (the default 'fd' spawns `tee`); tqdm's carriage returns are collapsed.
 sacred.SETTINGS.CAPTURE_MODE = "sys"
 
 #: The repository: Sacred records the sources of the modules under it with each run.
 REPO = Path(__file__).resolve().parent.parent
-ex = Experiment("difd", base_dir=str(REPO), save_git_info=True)
+
+#: Keys that only one command reads, by command: given to the other one (``with`` or ``config_updates``;
+#: named configs set keys for both and are not checked), they are refused by name before any work, so that
+#: ``train.py with reload_model_path=...`` does not train from random weights in silence.
+COMMAND_ONLY_KEYS = {
+    "test": ("reload_model_path", "allow_cross_eval"),
+    "train": (
+        "resume",
+        "init_from",
+        "pretrained_weights",
+        "pretrained_path",
+        "n_steps",
+        "max_iters_per_load",
+        "batch_size",
+        "lr_step_gamma",
+        "optim",
+        "sgd_impl",
+        "print_interval",
+        "save_snapshot_every",
+        "validate_every",
+        "validate_cases",
+        "validate_labels",
+        "label_free_episodes",
+        "use_gt",
+        "min_size",
+        "max_volumes",
+        "exclude_label",
+        "exclusion",
+    ),
+}
+#: What to use instead, for the keys a user is likely to give to the wrong command.
+_INSTEAD = {"reload_model_path": "; to train from a checkpoint's weights use init_from=..."}
+
+
+def refuse_other_commands_keys(command: str | None, config_updates: dict[str, Any] | None) -> None:
+    """A ``ValueError`` naming every key of ``config_updates`` that only another command reads
+    (:data:`COMMAND_ONLY_KEYS`); other commands (``print_run_root``, ...) take every key."""
+    if command not in COMMAND_ONLY_KEYS:
+        return
+    given = {key.split(".")[0] for key in flatten_keys(convert_to_nested_dict(dict(config_updates or {})))}
+    wrong = [
+        (key, other)
+        for other, keys in COMMAND_ONLY_KEYS.items()
+        if other != command
+        for key in keys
+        if key in given
+    ]
+    if wrong:
+        named = ", ".join(f"{key!r} (read by {other}.py only{_INSTEAD.get(key, '')})" for key, other in wrong)
+        raise ValueError(f"{command}.py does not use the key(s) {named}: leave them out of its arguments")
+
+
+def with_args_for(command: str, with_args: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The ``with`` arguments of ``command`` among those of a grid, which runs both commands: named configs
+    and ``key=value`` updates, less the updates of keys only the other command reads."""
+    others = {key for other, keys in COMMAND_ONLY_KEYS.items() if other != command for key in keys}
+    return tuple(arg for arg in with_args if "=" not in arg or arg.split("=")[0].split(".")[0] not in others)
+
+
+class DifdExperiment(Experiment):
+    """Sacred's experiment, refusing another command's keys (:func:`refuse_other_commands_keys`) before
+    the config is even built: only the updates themselves say what the user gave."""
+
+    def run(self, command_name=None, config_updates=None, named_configs=(), *args, **kwargs):
+        refuse_other_commands_keys(command_name or self.default_command, config_updates)
+        return super().run(command_name, config_updates, named_configs, *args, **kwargs)
+
+
+ex = DifdExperiment("difd", base_dir=str(REPO), save_git_info=True)
 ex.captured_out_filter = apply_backspaces_and_linefeeds
 
 #: Commands (main functions) that own a run folder: ``train`` in train.py, ``test`` in test.py.
@@ -115,6 +187,7 @@ def base_config():
     print_interval = 100  # steps between logged (and synchronised) loss values
     save_snapshot_every = 1000  # steps between snapshots (one is also written at the end)
     resume = False  # continue from the newest snapshot of this run folder
+    init_from = None  # a checkpoint of the same method whose weights training starts from (fine-tuning)
 
     # model: the method's own keys come from its module (method_config below); the encoder initialisation
     pretrained_weights = "deeplabv3"  # 'deeplabv3' (COCO DeepLabV3-ResNet101), 'resnet101' (ImageNet), None
@@ -280,6 +353,26 @@ def check_keys_and_attach_observer(config: dict, command_name: str, logger) -> d
             acquire(run_folder(config), "train.py", logger)
         ex.observers.append(AtomicFileStorageObserver(str(run_folder(config) / command_name)))
     return {"mode": command_name}
+
+
+def run_commandline(prog: str, argv: list[str] | None = None):
+    """``ex.run_commandline`` for ``train.py``, ``test.py`` and ``python -m config``: a user's mistake
+    (:data:`utils.USER_ERRORS`, or anything the config hook refuses: the checks of keys, values and files)
+    is one line ``<prog>: error: <message>`` and exit status 1 instead of Sacred's traceback; the run's
+    ``run.json`` still records the whole traceback of a run that started. ``--debug`` (``-d``) shows
+    Sacred's own output."""
+    argv = list(sys.argv if argv is None else argv)
+    if "--debug" in argv or "-d" in argv:
+        return ex.run_commandline(argv)
+    ex.current_run = None
+    try:
+        return ex.run_commandline([*argv, "--debug"])  # Sacred re-raises instead of printing a traceback
+    except USER_ERRORS as err:
+        sys.exit(f"{prog}: error: {err}")
+    except Exception as err:
+        if ex.current_run is not None:  # a failure of the run itself, not of its config: the traceback
+            raise
+        sys.exit(f"{prog}: error: {type(err).__name__}: {err}")
 
 
 @ex.command(unobserved=True)

@@ -14,6 +14,7 @@ from dataloaders.train_dataset import EXCLUSION_MODES
 from engine.runtime import PRECISIONS, SGD_IMPLS
 from engine.snapshots import latest_snapshot
 from models.encoder import PRETRAINED
+from models.files import check_plain_data
 from models.methods import DEFAULT_METHOD, get_method, method_names
 from models.weights import recorded_config
 from utils import resolve_data_root, resolve_device
@@ -49,7 +50,13 @@ RESUME_MAY_DIFFER = (
     "schedule",  # a marker: the values it chose are compared key by key
 )
 #: Values of keys in snapshots written before those keys existed (what the runs then did).
-KEYS_ADDED_LATER = {"precision": "fp32", "channels_last": False, "sgd_impl": None, "method": DEFAULT_METHOD}
+KEYS_ADDED_LATER = {
+    "precision": "fp32",
+    "channels_last": False,
+    "sgd_impl": None,
+    "method": DEFAULT_METHOD,
+    "init_from": None,
+}
 
 
 def run_folder(config: dict[str, Any]) -> Path:
@@ -72,6 +79,23 @@ def evaluated_checkpoint(config: dict[str, Any]) -> Path:
             "or pass reload_model_path=...)"
         )
     return newest
+
+
+def check_init_from(config: dict[str, Any]) -> Path:
+    """``init_from``: a file that exists, holds plain data, and records no other method than the run's
+    (a plain state dict's tensors are matched to the method when train.py loads them)."""
+    path = Path(config["init_from"]).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: model checkpoint not found: {path}")
+    check_plain_data(path, "init_from checkpoint")
+    recorded = recorded_config(path)
+    trained = None if recorded is None else recorded.get("method", DEFAULT_METHOD)
+    if trained is not None and trained != config["method"]:
+        raise ValueError(
+            f"init_from: {path} is a snapshot of the method {trained!r}, not of method={config['method']!r}: "
+            "training never starts from another method's weights"
+        )
+    return path
 
 
 def cross_evaluation(recorded: dict[str, Any] | None, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -138,7 +162,7 @@ def check_values(config: dict[str, Any]) -> None:
         flag(key)
     need(isinstance(config["device"], str), "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     need(_is_int(config["num_workers"]) and config["num_workers"] >= 0, "num_workers", "an int >= 0")
-    for key in ("data_root", "reload_model_path", "pretrained_path"):
+    for key in ("data_root", "reload_model_path", "pretrained_path", "init_from"):
         optional(key, str)
     fold_ok = _is_int(config["eval_fold"]) and 0 <= config["eval_fold"] < info.n_folds
     need(fold_ok, "eval_fold", f"an int in 0..{info.n_folds - 1} ({info.name} has {info.n_folds} folds)")
@@ -229,7 +253,11 @@ def check_run_files(config: dict[str, Any], command: str) -> None:
     checkpoint and the config it records (test; see :data:`CROSS_EVAL_KEYS`)."""
     resolve_device(config["device"])
     if command == "train":
-        resolve_pretrained_path(config["pretrained_weights"], config["pretrained_path"], download=True)
+        pretrained = resolve_pretrained_path(
+            config["pretrained_weights"], config["pretrained_path"], download=True
+        )
+        if pretrained is not None and pretrained.is_file():
+            check_plain_data(pretrained, f"pretrained checkpoint ({config['pretrained_weights']!r})")
     resolve_data_root(config["data_root"])
     if command == "train":
         newest = latest_snapshot(run_folder(config) / "snapshots")
@@ -238,6 +266,10 @@ def check_run_files(config: dict[str, Any], command: str) -> None:
                 f"{newest.parent} already holds snapshots (newest {newest.name}): pass resume=True to "
                 "continue that run, or choose another path.log_dir"
             )
+        if newest is not None:
+            check_plain_data(newest, "snapshot")  # refused before any work (resume would refuse it later)
+        if config["init_from"]:
+            check_init_from(config)
     if command == "test":
         checkpoint = evaluated_checkpoint(config)
         recorded = recorded_config(checkpoint)

@@ -33,6 +33,7 @@ from scipy.ndimage import gaussian_filter
 
 from dataloaders.datasets import get_dataset_info
 from dataloaders.volume import require_simpleitk
+from utils import run_cli
 
 sitk = require_simpleitk("the phantom generator (data/phantom.py)")
 
@@ -379,4 +380,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "phantom.py")

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.files import load_torch_file, verify_checkpoint_file
+from models.files import UntrustedCheckpoint, load_torch_file, verify_checkpoint_file
 from models.weights import SNAPSHOT_FORMAT, WEIGHTS_FORMAT, ModelCheckpoint, load_model_weights
 from utils import capture_rng_state, restore_rng_state, write_atomically
 
@@ -114,7 +114,7 @@ def save_snapshot(
 def demote_snapshot(path: str | os.PathLike) -> None:
     """Rewrite a full snapshot as weights-only (model, step, config), atomically; others are left alone."""
     path = Path(path)
-    payload = load_torch_file(path, "snapshot", weights_only=False, mmap=True)
+    payload = load_torch_file(path, "snapshot", mmap=True)
     if not isinstance(payload, dict) or payload.get("format") != SNAPSHOT_FORMAT:
         return
     weights = {key: payload[key] for key in ("step", "model", "config")}
@@ -178,7 +178,7 @@ def latest_snapshot(folder: str | os.PathLike) -> Path | None:
 def read_snapshot(path: str | os.PathLike) -> dict[str, Any]:
     """One of our snapshots, full or weights-only, verified; anything else is a ``ValueError``."""
     path = Path(path)
-    payload = load_torch_file(path, "snapshot", weights_only=False)
+    payload = load_torch_file(path, "snapshot")
     if not isinstance(payload, dict) or payload.get("format") not in (SNAPSHOT_FORMAT, WEIGHTS_FORMAT):
         raise ValueError(
             f"{path} is not a snapshot of this project (expected format {SNAPSHOT_FORMAT!r} or "
@@ -208,7 +208,10 @@ def load_resume_snapshot(
 ) -> tuple[Path, dict[str, Any]]:
     """The newest snapshot of ``folder`` that a run can continue from, and its payload.
 
-    Snapshots that cannot be read (truncated, damaged) are skipped with a warning naming them. A finished
+    Snapshots that cannot be read (truncated, damaged) are skipped with a warning naming them; one whose
+    pickle holds more than tensors and plain types stops the resume (``models.files.UntrustedCheckpoint``:
+    an older snapshot in its place would silently undo the steps since, and the file needs its user's
+    decision, not a fallback). A finished
     run's weights-only final snapshot is returned as it is (nothing is left to train; see
     :func:`restore_training_state`). Raises ``ValueError`` listing every snapshot tried when none is
     usable.
@@ -217,6 +220,8 @@ def load_resume_snapshot(
     for _, path in reversed(list_snapshots(folder)):
         try:
             payload = read_snapshot(path)
+        except UntrustedCheckpoint:
+            raise
         except ValueError as err:
             (log or logger).warning(f"resume: skipping {path}: {err}")
             tried.append(f"{path.name}: {err}")

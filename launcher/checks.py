@@ -38,6 +38,7 @@ from launcher.grid import Run, latest_jobs, other_configs, read_manifest
 from launcher.job import FINISHED, read_state
 from models import get_method
 from models.encoder import PRETRAINED
+from models.files import UntrustedCheckpoint
 from models.weights import recorded_config
 from utils import resolve_data_root, resolve_device
 
@@ -69,6 +70,8 @@ def resume_point(run: Run) -> Finding:
         return Finding("resume", True, "starts at step 0 (no snapshot)")
     try:
         recorded = recorded_config(newest)
+    except UntrustedCheckpoint as err:
+        return Finding("resume", False, str(err))
     except (ValueError, FileNotFoundError) as err:
         return Finding(
             "resume", True, f"newest snapshot unreadable ({err}); train.py resumes from an older one"

@@ -32,7 +32,7 @@ from typing import Any
 
 from sacred.arg_parser import get_config_updates
 
-from config import resolve_config, resume_differences, run_folder
+from config import resolve_config, resume_differences, run_folder, with_args_for
 from dataloaders.datasets import N_FOLDS
 from models.methods import DEFAULT_METHOD, load_plugins, method_names
 from utils import write_atomically
@@ -192,7 +192,7 @@ class Run:
     """One run of a grid: its spec, ``with`` arguments, resolved config and run folder."""
 
     spec: RunSpec
-    with_args: tuple[str, ...]  # the `with` arguments of train.py and test.py (eval_fold, log dir included)
+    with_args: tuple[str, ...]  # the `with` arguments of the grid (eval_fold, log dir included)
     config: dict[str, Any]  # as train.py resolves it (resume=True)
 
     @property
@@ -206,7 +206,7 @@ class Run:
 
     def train_command(self, gpus_per_run: int) -> tuple[str, ...]:
         """``train.py`` (``resume=True``); with more than one GPU, under torchrun (one process per GPU)."""
-        script = (str(REPO / "train.py"), "with", *self.with_args, "resume=True")
+        script = (str(REPO / "train.py"), "with", *with_args_for("train", self.with_args), "resume=True")
         if gpus_per_run > 1:
             launcher = ("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus_per_run}")
             return (sys.executable, *launcher, *script)
@@ -214,7 +214,7 @@ class Run:
 
     def test_command(self) -> tuple[str, ...]:
         """``test.py`` on the newest snapshot of the run folder (the final one once training ended)."""
-        return (sys.executable, str(REPO / "test.py"), "with", *self.with_args)
+        return (sys.executable, str(REPO / "test.py"), "with", *with_args_for("test", self.with_args))
 
 
 def resolve_runs(

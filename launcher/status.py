@@ -1,21 +1,23 @@
 """The status of a grid, read off the disk (and ``squeue`` when SLURM answers), so that it works from a
 login node while jobs run and after they are gone.
 
-Per run (its method, dataset, setting and fold): the state, one of ``pending`` (submitted, not
-started), ``running``, ``requeued`` (waiting to run again after a time limit, preemption or failure),
-``finished`` (trained and evaluated), ``failed`` (or stopped from outside, or its job ended without
-finishing it), ``not submitted``; the step reached (newest snapshot or logged step) of the total; the last
-validation Dice; the time spent (Sacred's start, heartbeat and stop times of its train and test runs); an
-estimate of the training time left (the current run's logged steps per second); and for a failed run its
-log and last error line. Sources: ``grid.json`` (runs, jobs), each run folder's ``launch.json`` (the job's
-record of the run), snapshots, Sacred's ``run.json`` and ``metrics.json``, submitit's result files, and
-the job's state in ``squeue`` or its local process.
+Per run (its method, dataset, setting and fold): the state, one of ``pending`` (submitted, not started),
+``running``, ``requeued`` (waiting to run again after a time limit, preemption or failure), ``finished``
+(trained and evaluated), ``failed`` (or stopped from outside, or its job ended without finishing it), ``not
+submitted``; the step reached (newest snapshot or logged step) of the total; the last validation Dice; the
+time spent (Sacred's start, heartbeat and stop times of its train and test runs); an estimate of the training
+time left (the current run's logged steps per second); and for a failed run its log and last error line.
+Sources: ``grid.json`` (runs, jobs), each run folder's ``launch.json`` (the job's record of the run),
+snapshots, Sacred's ``run.json`` and ``metrics.json``, submitit's job logs, and the job's state in ``squeue``
+or its local process.
+
+Everything is read as text or JSON (snapshots as data, :mod:`models.files`): never submitit's pickled
+``*_result.pkl``, whose error the job's ``*_log.err`` holds as text (docs/cluster.md, "What is trusted").
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -96,16 +98,18 @@ def training_progress(folder: Path) -> tuple[int, float | None, float | None]:
     return (steps[-1] if steps else 0), (val[-1] if val else None), rate
 
 
+#: The line submitit logs to a job's stderr when the submitted function raised (its traceback follows).
+SUBMITIT_RAISED = "Submitted job triggered an exception"
+
+
 def result_error(grid: Path, job: str) -> str | None:
-    """The error submitit recorded for ``job`` (its ``*_result.pkl``), last line; None without one."""
-    for path in sorted((grid / JOBS_FOLDER).glob(f"{job}/{job}_*_result.pkl")):
-        try:
-            with path.open("rb") as stream:
-                outcome, value = pickle.load(stream)  # noqa: S301 - submitit's own result file
-        except (OSError, pickle.UnpicklingError, ValueError, EOFError):
-            continue
-        if outcome == "error":
-            return last_error_line(str(value).splitlines())
+    """The error ``job`` raised, read off its ``*_log.err`` (the last error line after submitit's
+    :data:`SUBMITIT_RAISED`); None when the job raised nothing."""
+    for path in sorted((grid / JOBS_FOLDER).glob(f"{job}/{job}_*_log.err")):
+        lines = log_tail(path)
+        raised = [i for i, line in enumerate(lines) if SUBMITIT_RAISED in line]
+        if raised:
+            return last_error_line(lines[raised[-1] + 1 :]) or None
     return None
 
 

@@ -76,7 +76,7 @@ def read_model_checkpoint(path: str | os.PathLike) -> ModelCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint not found (config key 'reload_model_path'): {path}")
-    payload = load_torch_file(path, "model checkpoint", weights_only=False)
+    payload = load_torch_file(path, "model checkpoint")
     if is_snapshot(payload):
         kind = "snapshot" if payload["format"] == SNAPSHOT_FORMAT else "weights"
         checkpoint = ModelCheckpoint(
@@ -104,7 +104,7 @@ def recorded_config(path: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint not found (config key 'reload_model_path'): {path}")
-    payload = load_torch_file(path, "checkpoint", weights_only=False, mmap=zipfile.is_zipfile(path))
+    payload = load_torch_file(path, "checkpoint", mmap=zipfile.is_zipfile(path))
     config = payload.get("config") if isinstance(payload, dict) else None
     return dict(config) if isinstance(config, dict) else None
 

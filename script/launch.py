@@ -64,7 +64,7 @@ from launcher.job import GridJob, RunTask
 from launcher.measure import measure_lines
 from launcher.status import format_status, grid_status
 from models.encoder import PRETRAINED
-from utils import DownloadError, timestamp
+from utils import DownloadError, run_cli, timestamp
 
 #: States after which a run needs nothing more from its job.
 ENDED = ("finished", "failed", "not submitted", "unknown")
@@ -363,4 +363,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, "launch.py")

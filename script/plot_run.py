@@ -18,7 +18,6 @@ says otherwise. A missing or unreadable ``metrics.json`` is an error naming the 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from engine.progress import (
@@ -29,6 +28,7 @@ from engine.progress import (
     read_metrics,
     validation_table,
 )
+from utils import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, "plot_run.py")

@@ -42,13 +42,12 @@ imports a method of one's own, so that the report knows its title (the name publ
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from engine.summary import build_table, to_csv, to_markdown
 from launcher.report import DEFAULT_REFERENCE, REFERENCE_COLUMNS, grid_report, run_roots
 from models.methods import load_plugins
-from utils import write_atomically
+from utils import run_cli, write_atomically
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,4 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, "summarize.py")

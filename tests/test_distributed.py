@@ -153,8 +153,8 @@ def test_episode_indices_split_each_step_between_ranks():
 
 def test_two_gloo_ranks_stay_identical_and_match_the_averaged_gradient(tmp_path: Path, one_thread):
     mp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     model = _small_model()
     # Parameters, not buffers: each rank's last forward updated its own BatchNorm running statistics
     # (DDP re-broadcasts rank 0's at the start of every forward).

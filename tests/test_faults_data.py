@@ -512,7 +512,7 @@ def finished_run_keeps_one_resume_state(ctx: Ctx) -> Expect:
     _snapshots(folder, (3, 6, 9, 10), n_steps=10)
 
     def check(result: Any, log: str) -> None:
-        kinds = {p.name: torch.load(p, weights_only=False)["format"] for p in folder.iterdir()}
+        kinds = {p.name: torch.load(p, weights_only=True)["format"] for p in folder.iterdir()}
         assert kinds == {
             "3.pth": WEIGHTS_FORMAT,
             "6.pth": WEIGHTS_FORMAT,

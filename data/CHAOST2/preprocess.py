@@ -45,6 +45,7 @@ from data.preprocessing import (
 )
 from dataloaders.nifti import read_image
 from dataloaders.volume import require_simpleitk
+from utils import run_cli
 
 sitk = require_simpleitk("data/CHAOST2/preprocess.py")
 
@@ -204,4 +205,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "preprocess.py")

@@ -41,6 +41,7 @@ from data.preprocessing import (
 from dataloaders.datasets import get_dataset_info
 from dataloaders.nifti import read_image
 from dataloaders.volume import require_simpleitk
+from utils import run_cli
 
 sitk = require_simpleitk("data/CMR/preprocess.py")
 
@@ -128,4 +129,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "preprocess.py")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -45,6 +44,7 @@ from skimage.measure import label as connected_components
 from dataloaders import Geometry, read_volume, write_volume
 from dataloaders.datasets import DATASETS, DatasetInfo, get_dataset_info
 from dataloaders.volume import require_simpleitk
+from utils import run_cli
 
 try:
     from data.supervoxels.felzenszwalb_3d_cy import felzenszwalb_3d
@@ -272,4 +272,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, "generate_supervoxels.py")
