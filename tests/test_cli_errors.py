@@ -37,6 +37,7 @@ ENTRY_POINTS = {
     "data/phantom.py": "run_cli",
     "data/supervoxels/generate_supervoxels.py": "run_cli",
     "data/supervoxels/compare_published.py": "run_cli",
+    "data/superpixels/generate_superpixels.py": "run_cli",
 }
 
 
@@ -90,7 +91,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
             ],
             "scan not found",
         ),  # fmt: skip
-        ("segment.py", ["--checkpoint", missing, "--label", "x"], "invalid int value: 'x'"),
+        ("segment.py", ["--checkpoint", missing, "--n-part", "many"], "invalid int value: 'many'"),
         ("data/CHAOST2/preprocess.py", ["--input", missing, "--output", str(tmp / "o")], "expected a folder"),
         ("data/SABS/preprocess.py", ["--input", missing, "--output", str(tmp / "o")], "expected a folder"),
         ("data/CMR/preprocess.py", ["--input", missing, "--output", str(tmp / "o")], "expected a folder"),
@@ -106,6 +107,11 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
             "data/supervoxels/generate_supervoxels.py",
             ["--dataset", "NOPE", "--data-root", str(tmp)],
             "unknown dataset 'NOPE'",
+        ),
+        (
+            "data/superpixels/generate_superpixels.py",
+            ["--dataset", "CHAOST2", "--data-root", missing],
+            "image folder not found",
         ),
         (
             "data/supervoxels/compare_published.py",

@@ -31,7 +31,6 @@ temporary name and renamed, as the 3-D command does.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from data.supervoxels.generate_supervoxels import (
     select_cases,
 )
 from dataloaders import read_volume, write_volume
+from utils import run_cli
 
 #: The notebook's ``fg_thresh`` per dataset, on the images as stored. CMR has none in the notebook (SSL-ALPNet
 #: did not use it): it gets the other MR dataset's value.
@@ -150,4 +150,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, "generate_superpixels.py")
