@@ -66,7 +66,7 @@ summary="$out/summary.md"
 failed=0
 
 if [ "$smoke" = 1 ]; then
-    device=cpu; size=32; bench=(--tiny --size 32 --repeats 1 --warmup 0 --eval-chunk 2 --episodes 5 --workers 0)
+    device=cpu; size=32; bench=(--tiny --size 32 --repeats 1 --warmup 0 --eval-chunk 2 --episodes 5 --workers 0 --synthetic-loader)
     train_steps=2; validate=(validate_every=1 label_free_episodes=2 validate_cases=1)
     run_config=(debug "image_size=$size" max_volumes=2 "test_label=[2]")
     grid_config=(debug "image_size=$size" n_steps=2 max_volumes=2 "test_label=[2]")
