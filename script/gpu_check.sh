@@ -181,8 +181,9 @@ fi
 echo "train.py with ${train[*]}" > "$out/train.cmd"
 step train "$PYTHON" train.py with "${train[@]}" && train_ok=1 || train_ok=0
 util_train="$([ -s "$out/gpu_util.csv" ] && wc -l < "$out/gpu_util.csv" || echo 0)"
+test_ok=0
 if [ "$train_ok" = 1 ]; then
-    step test "$PYTHON" test.py with "${common[@]}" "${run_config[@]}"
+    step test "$PYTHON" test.py with "${common[@]}" "${run_config[@]}" && test_ok=1
 else
     echo "| test | **not run** (training failed) | 0 | $(limit test) | |" >> "$summary"; failed=1
 fi
@@ -190,8 +191,9 @@ fi
 train_dir="$out/runs/gpu_check/fold0/train/1"
 curve="$("$PYTHON" script/plot_run.py "$train_dir" --table 2>&1 | tail -n 30)"
 speed_line="$(grep -E 'steps? .*s/step|s per step|it/s' "$out/train.log" | tail -n 2)"
-section "train.py ($train_steps steps at $size px) then test.py" "$(printf '%s\n%s\n\n' "$speed_line" "$curve"; \
-    "$PYTHON" script/summarize.py "$out/runs/gpu_check" 2>&1 | tail -n 8)"
+dice="test.py did not finish: no Dice (see test.log)"
+[ "$test_ok" = 0 ] || dice="$("$PYTHON" script/summarize.py "$out/runs/gpu_check" 2>&1 | tail -n 8)"
+section "train.py ($train_steps steps at $size px) then test.py" "$(printf '%s\n%s\n\n%s' "$speed_line" "$curve" "$dice")"
 if [ -n "$util_sampler" ]; then
     section "GPU utilisation (nvidia-smi every 0.5 s; training then testing)" "$("$PYTHON" - "$out/gpu_util.csv" "$util_train" <<'EOF'
 import sys
