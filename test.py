@@ -46,7 +46,7 @@ from dataloaders import TestDataset, get_dataset_info
 from dataloaders.test_dataset import check_fold_classes
 from engine.evaluation import evaluate_class, save_overlay, save_prediction_nifti
 from engine.observer import remove_stale_run_temporaries
-from engine.runtime import apply_memory_format
+from engine.runtime import apply_memory_format, warn_emulated_bf16
 from models import get_method, load_model, read_model_checkpoint
 from utils import disk_full, resolve_data_root, resolve_device, set_seed, write_atomically
 
@@ -97,6 +97,7 @@ def test(_run, _log, _config) -> float:
     """Evaluate one fold; returns the mean Dice over the test classes."""
     cfg = json.loads(json.dumps(_config))
     torch_device = resolve_device(cfg["device"])
+    warn_emulated_bf16(cfg["precision"], torch_device, _log)
     set_seed(cfg["seed"], cfg["deterministic"])
     info = get_dataset_info(cfg["dataset"])
     labels = info.validate_labels(cfg["test_label"], "test_label")

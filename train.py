@@ -101,6 +101,7 @@ from engine.runtime import (
     seed_ranks,
     training_step,
     unwrap,
+    warn_emulated_bf16,
     wrap_distributed,
 )
 from engine.snapshots import (
@@ -225,6 +226,7 @@ class Job:
 def set_up(cfg: dict[str, Any], _log) -> Job:
     """Device, seeds, training and validation volumes, model, optimiser and scheduler."""
     dist_context, device = init_distributed(resolve_device(cfg["device"]))
+    warn_emulated_bf16(cfg["precision"], device, _log)
     # Every rank builds the model from the same seed (same initial weights), then draws its dropout masks
     # from its own stream (engine.runtime.seed_ranks); snapshots keep every rank's RNG state.
     set_seed(cfg["seed"], cfg["deterministic"])

@@ -45,6 +45,7 @@ from dataloaders import Case, CaseFiles, Geometry, TrainDataset, Volume, worker_
 from engine.runtime import apply_memory_format, autocast, build_sgd, training_step
 from models import DIFDLoss, build_difd
 from tests.naive_difd import naive_forward, naive_losses
+from tests.tiny_difd import tiny_difd
 from utils import resolve_data_root
 
 OFFICIAL_STEPS = 40000
@@ -123,7 +124,7 @@ def model_rows(args: argparse.Namespace, device: torch.device) -> list[tuple[str
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = build_difd().to(device)
+        model = (tiny_difd(8, reduce_dim=8) if args.tiny else build_difd()).to(device)
     initial = copy.deepcopy(model.state_dict())
     loss_fn = DIFDLoss().to(device)
     supp, masks, qry, labels = episode(args.size, device)
@@ -230,6 +231,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1], help="loader workers to try")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--synthetic-loader", action="store_true", help="synthetic volumes even with data")
+    parser.add_argument(
+        "--tiny", action="store_true", help="conv-stem encoder, not ResNet-101 (a smoke test, no measurement)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads is not None:
@@ -241,7 +245,11 @@ def main() -> None:
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)"
     )
-    print(f"DIFD speed: {args.size}x{args.size}, 1 shot, 1 query, device {name}, torch {torch.__version__}")
+    encoder = "tiny conv-stem encoder (smoke test)" if args.tiny else "ResNet-101"
+    print(
+        f"DIFD speed ({encoder}): {args.size}x{args.size}, 1 shot, 1 query, device {name}, "
+        f"torch {torch.__version__}"
+    )
     print(f"median of {args.repeats} runs after {args.warmup} warm-ups; eval chunk {args.eval_chunk} slices")
     print(f"  {'prec':<5} {'model':<14} {'train ms':>10} {'eval ms/sl':>10} {'peak mem':>10} {'40k min':>10}")
     if args.precisions:

@@ -135,6 +135,12 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+#: What an empty validation panel says: nothing validated at all, or only the other kind of validation.
+NO_VALIDATION = "no validation (validate_every=0)"
+NO_ORGAN_VALIDATION = "no organ validation (validate_cases=0):\nthe organ Dice comes from test.py"
+NO_LABEL_FREE_VALIDATION = "no label-free validation (label_free_episodes=0)"
+
+
 def _say(axes, message: str) -> None:
     """Write ``message`` in the middle of an empty panel."""
     axes.text(0.5, 0.5, message, ha="center", va="center", transform=axes.transAxes)
@@ -201,7 +207,7 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
         unlabelled.legend(loc="upper left", fontsize="small")
         unlabelled.set_ylim(-0.02, 1.02)
     else:
-        _say(unlabelled, "no label-free validation")
+        _say(unlabelled, NO_LABEL_FREE_VALIDATION if organs else NO_VALIDATION)
     unlabelled.set_ylabel("label-free (held-out volumes)")
     unlabelled.grid(alpha=0.3)
 
@@ -216,7 +222,7 @@ def draw_progress(metrics: Metrics, path: str | os.PathLike, title: str = "") ->
         dice.legend(loc="upper left", fontsize="small")
         dice.set_ylim(-2, 102)
     else:
-        _say(dice, "no validation (validate_every=0)")
+        _say(dice, NO_ORGAN_VALIDATION if label_free else NO_VALIDATION)
     dice.set_ylabel("validation Dice % (test volumes)")
     dice.set_xlabel("training step")
     dice.grid(alpha=0.3)

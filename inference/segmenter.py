@@ -29,7 +29,7 @@ import inference.label_maps as label_maps
 import inference.prediction as prediction
 import inference.scans as scans
 from dataloaders import Volume
-from engine.runtime import apply_memory_format, check_precision
+from engine.runtime import apply_memory_format, check_precision, warn_emulated_bf16
 from inference.label_maps import Segmentation
 from inference.prediction import DEFAULT_BATCH_SIZE, ModelRunner, PreparedSupport
 from inference.presets import DATASET_PRESETS, Preset, get_preset, sitk
@@ -101,6 +101,7 @@ class Segmenter:
         device = device if isinstance(device, torch.device) else resolve_device(device)
         on_cuda = device.type == "cuda"
         precision = check_precision(precision or ("bf16" if on_cuda else "fp32"))
+        warn_emulated_bf16(precision, device)
         channels_last = on_cuda if channels_last is None else channels_last
         if image_size is not None and (
             isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1

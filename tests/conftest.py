@@ -1,4 +1,5 @@
-"""Shared pytest set-up: opt-in slow tests, the real-data fixture and one torch thread."""
+"""Shared pytest set-up: opt-in slow tests, CUDA tests skipped without a GPU, the real-data fixture and one
+torch thread."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ os.environ[WEIGHTS_MIRROR_ENV] = (Path(__file__).resolve().parent / "no_weights_
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The CUDA paths (tests/test_cuda.py, script/gpu_check.sh) skip, with their reason, without a GPU.
+    if not torch.cuda.is_available():
+        skip_cuda = pytest.mark.skip(reason=f"needs CUDA: torch {torch.__version__} sees no GPU here")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip_cuda)
     # Exhaustive checks (e.g. all 55 published supervoxel volumes) run only when asked for.
     if os.environ.get("DIFD_SLOW_TESTS") == "1":
         return

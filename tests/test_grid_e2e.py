@@ -29,6 +29,8 @@ from launcher.grid import MANIFEST, parse_grid, resolve_runs
 from launcher.job import read_state
 from tests.run_fixtures import make_mini_root
 
+# script/test.sh runs the suite with --dist loadfile: this module's tests run on one worker, one after
+# another (the SLURM cluster, the reference run); test_launcher.py's SLURM checks are dry runs.
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from engine import progress
 from engine.progress import merge_metrics, smooth, validation_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,3 +123,21 @@ def test_plot_run_require_checks_the_last_validation_dice(tmp_path: Path):
     assert done.returncode == 2 and "no validation Dice of 'SPLEEN'" in done.stderr
     done = plot_run("--require", "LIVER")
     assert done.returncode == 2 and "expected CLASS=PERCENT" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("validated", "expected"),
+    [
+        (("lf_auc", "lf_dice"), (None, progress.NO_ORGAN_VALIDATION)),  # the demo: validate_cases=0
+        (("val_dice_LIVER",), (progress.NO_LABEL_FREE_VALIDATION, None)),
+        ((), (progress.NO_VALIDATION, progress.NO_VALIDATION)),
+    ],
+)
+def test_empty_validation_panels_say_why(tmp_path: Path, monkeypatch, validated, expected):
+    metrics = {"total": {"steps": [1, 2], "values": [1.0, 0.9]}}
+    metrics |= {name: {"steps": [0, 2], "values": [0.5, 0.7]} for name in validated}
+    said = []
+    monkeypatch.setattr(progress, "_say", lambda axes, message: said.append(message))
+    progress.draw_progress(metrics, tmp_path / "progress.png")
+    validation_messages = [m for m in said if "validation" in m]
+    assert validation_messages == [m for m in expected if m is not None]
