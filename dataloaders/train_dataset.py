@@ -42,8 +42,10 @@ the slice and id in :mod:`dataloaders.ssl_alpnet_sampling`), 1 support and 1 que
    own ranges): it is ours (:mod:`dataloaders.augment`: gamma, then geometry, both always applied, each with
    its own draw for the support and for the query).
 
-``min_size``, ``max_tries`` and the slice reversal do not apply to it (the official has no such step); the
-normalisation is ours (method.md §1) and slices are not cropped to 256 px (the official crops them).
+With ``image_size``, ``max_id`` is the stored slice's and the mask is taken at the working size (a small
+superpixel may vanish there). ``min_size``, ``max_tries`` and the slice reversal do not apply to it (the
+official has no such step); the normalisation is ours (method.md §1) and slices are not cropped to 256 px
+(the official crops them).
 ``pseudo_labels`` picks the pseudo-label files (``'supervoxels_3d'``, the ADNet lineage's, or
 ``'superpixels_2d'``, SSL-ALPNet's, :mod:`dataloaders.cases`) for either sampling.
 """
