@@ -8,6 +8,11 @@ files. Geometry: a label must lie on its image's grid (spacing, origin and direc
 :data:`~dataloaders.volume.GEOMETRY_TOLERANCE`); a supervoxel file too, or carry the default geometry
 (spacing 1, origin 0, identity direction), as the published supervoxels do: their voxels were computed on
 the image's grid, which is the geometry the case then uses.
+
+Two kinds of pseudo-label (``pseudo_labels``): ``'supervoxels_3d'`` (default, the ADNet lineage's, above)
+and ``'superpixels_2d'`` (SSL-ALPNet's, per slice, written by ``data/superpixels/generate_superpixels.py``
+to ``<data_root>/<NAME>/superpixels_2d/superpix-MIDDLE_<id>.nii.gz`` on the image's grid and geometry; the
+default geometry is not accepted for them, as that command always writes the image's).
 """
 
 from __future__ import annotations
@@ -23,15 +28,33 @@ from .datasets import DatasetInfo, get_dataset_info
 from .nifti import read_header, read_volume
 from .volume import Geometry, Volume
 
+#: Kinds of pseudo-label file a case can carry, the folder of the 2-D kind, and the command making each.
+PSEUDO_LABELS = ("supervoxels_3d", "superpixels_2d")
+SUPERPIXEL_2D_FOLDER = "superpixels_2d"
+_MAKERS = {
+    "supervoxels_3d": "data/supervoxels/generate_supervoxels.py",
+    "superpixels_2d": "data/superpixels/generate_superpixels.py",
+}
+_NOUNS = {"supervoxels_3d": "supervoxel", "superpixels_2d": "2-D superpixel"}
+
+
+def check_pseudo_labels(pseudo_labels: str) -> str:
+    """``pseudo_labels`` if it is a known kind, else ``ValueError`` naming the known ones."""
+    if pseudo_labels not in PSEUDO_LABELS:
+        raise ValueError(f"pseudo_labels must be one of {PSEUDO_LABELS}, got {pseudo_labels!r}")
+    return pseudo_labels
+
 
 @dataclass(frozen=True)
 class CaseFiles:
-    """The files of one case; ``supervoxel`` is None when supervoxels were not asked for."""
+    """The files of one case; ``supervoxel`` (the pseudo-label file, of kind ``pseudo_labels``) is None when
+    pseudo-labels were not asked for."""
 
     case_id: int
     image: Path
     label: Path
     supervoxel: Path | None = None
+    pseudo_labels: str = "supervoxels_3d"
 
 
 @dataclass
@@ -69,11 +92,17 @@ def _ids_in(folder: Path, pattern: str) -> dict[int, Path]:
 
 
 def dataset_folders(
-    dataset: str | DatasetInfo, data_root: str | os.PathLike, n_sv: int | None = None
+    dataset: str | DatasetInfo,
+    data_root: str | os.PathLike,
+    n_sv: int | None = None,
+    pseudo_labels: str = "supervoxels_3d",
 ) -> tuple[Path, Path]:
-    """``(image_folder, supervoxel_folder)`` of ``dataset`` under ``data_root`` (existence not checked)."""
+    """``(image_folder, pseudo_label_folder)`` of ``dataset`` under ``data_root`` (existence not checked);
+    ``n_sv`` names the folder of the 3-D kind only."""
     info = get_dataset_info(dataset)
     base = Path(data_root) / info.name
+    if check_pseudo_labels(pseudo_labels) == "superpixels_2d":
+        return base / info.image_folder, base / SUPERPIXEL_2D_FOLDER
     return base / info.image_folder, base / info.supervoxel_folder(n_sv)
 
 
@@ -82,14 +111,16 @@ def list_cases(
     data_root: str | os.PathLike,
     supervoxels: bool = False,
     n_sv: int | None = None,
+    pseudo_labels: str = "supervoxels_3d",
 ) -> list[CaseFiles]:
     """Every case of ``dataset`` under ``data_root``, sorted by integer case id.
 
-    Images, labels and (with ``supervoxels=True``) supervoxel files are paired by case id; any file whose
-    partner is missing raises ``FileNotFoundError`` naming the missing file. Fold positions index this list.
+    Images, labels and (with ``supervoxels=True``) pseudo-label files of kind ``pseudo_labels`` are paired by
+    case id; any file whose partner is missing raises ``FileNotFoundError`` naming the missing file. Fold
+    positions index this list.
     """
     info = get_dataset_info(dataset)
-    image_dir, sv_dir = dataset_folders(info, data_root, n_sv)
+    image_dir, sv_dir = dataset_folders(info, data_root, n_sv, pseudo_labels)
     if not image_dir.is_dir():
         raise FileNotFoundError(
             f"{info.name}: image folder not found: {image_dir} "
@@ -103,8 +134,8 @@ def list_cases(
     if supervoxels:
         if not sv_dir.is_dir():
             raise FileNotFoundError(
-                f"{info.name}: supervoxel folder not found: {sv_dir} "
-                f"(make it with data/supervoxels/generate_supervoxels.py --dataset {info.name})"
+                f"{info.name}: {_NOUNS[pseudo_labels]} folder not found: {sv_dir} "
+                f"(make it with {_MAKERS[pseudo_labels]} --dataset {info.name})"
             )
         groups.append((_ids_in(sv_dir, info.supervoxel_pattern), sv_dir, info.supervoxel_pattern))
     all_ids = set().union(*(found for found, _, _ in groups))
@@ -118,7 +149,13 @@ def list_cases(
             )
     sv_files = groups[2][0] if supervoxels else {}
     return [
-        CaseFiles(case_id=i, image=images[i], label=labels[i], supervoxel=sv_files.get(i))
+        CaseFiles(
+            case_id=i,
+            image=images[i],
+            label=labels[i],
+            supervoxel=sv_files.get(i),
+            pseudo_labels=pseudo_labels,
+        )
         for i in sorted(all_ids)
     ]
 
@@ -155,8 +192,11 @@ def check_partner(
 
 
 def _partners(case: CaseFiles) -> list[tuple[Path, bool]]:
-    """The files to check against the image: the label, and the supervoxels when listed."""
-    return [(case.label, False)] + ([(case.supervoxel, True)] if case.supervoxel is not None else [])
+    """The files to check against the image, each with whether the default geometry is accepted: the label,
+    and the pseudo-labels when listed (the default geometry for the published 3-D supervoxels only)."""
+    if case.supervoxel is None:
+        return [(case.label, False)]
+    return [(case.label, False), (case.supervoxel, case.pseudo_labels == "supervoxels_3d")]
 
 
 def check_case(case: CaseFiles) -> tuple[tuple[int, int, int], Geometry]:

@@ -28,6 +28,26 @@ A volume in which no class can give an episode (step 3 and 4 can never succeed) 
 no volume is usable the constructor says so. Volumes are read, normalised (method.md §1) and, with
 ``image_size``, resized once at construction (bilinear images, nearest supervoxels/labels), so a bad data
 root fails before training; ``min_size`` counts pixels at the working size.
+
+``sampling='ssl_alpnet'`` draws SSL-ALPNet's episodes instead (its ``GenericSuperDatasetv2``; the law of
+the slice and id in :mod:`dataloaders.ssl_alpnet_sampling`), 1 support and 1 query only:
+
+1. one slice of the training volumes, with the official law (uniform, a slice without pseudo-label id
+   passing to the next; Setting 2 redraws a slice holding an excluded class per the ground truth, with
+   ``exclusion`` as above; the official is ``'any'``);
+2. an id uniform in ``1 .. max_id - 1`` of that slice (the largest never, an id absent from it giving an
+   empty mask, as the official);
+3. support and query are that slice and mask, each augmented independently (with ``augment``). The
+   augmentation is NOT the official's (its affine, elastic and gamma transforms of ``augutils.py`` with its
+   own ranges): it is ours (:mod:`dataloaders.augment`: gamma, then geometry, both always applied, each with
+   its own draw for the support and for the query).
+
+With ``image_size``, ``max_id`` is the stored slice's and the mask is taken at the working size (a small
+superpixel may vanish there). ``min_size``, ``max_tries`` and the slice reversal do not apply to it (the
+official has no such step); the normalisation is ours (method.md §1) and slices are not cropped to 256 px
+(the official crops them).
+``pseudo_labels`` picks the pseudo-label files (``'supervoxels_3d'``, the ADNet lineage's, or
+``'superpixels_2d'``, SSL-ALPNet's, :mod:`dataloaders.cases`) for either sampling.
 """
 
 from __future__ import annotations
@@ -43,11 +63,14 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import apply_gamma, apply_geometry, sample_gamma, sample_geometry
-from .cases import Case, list_cases, read_case
+from .cases import Case, check_pseudo_labels, list_cases, read_case
 from .datasets import DatasetInfo, get_dataset_info
+from .ssl_alpnet_sampling import SliceVolume, slice_law
 from .transforms import normalize_volume, resize_slices, to_three_channels
 
 EXCLUSION_MODES = ("any", "all")
+#: Episode samplers: the ADNet lineage's (method.md §3) and SSL-ALPNet's.
+SAMPLINGS = ("adnet", "ssl_alpnet")
 #: The official ``min_size`` (method.md §3, step 4), in pixels of a 256 x 256 slice.
 MIN_SIZE_AT_256 = 200
 
@@ -110,7 +133,8 @@ class TrainDataset(Dataset):
     for small runs and tests), ``test_labels`` (the classes ``use_gt`` never draws; default the dataset's),
     ``max_tries`` (class/run draws per episode before giving up), ``held_out`` (draw from the volumes of
     fold ``eval_fold`` instead, the ones training never sees, reading their images and supervoxels only,
-    never their labels: the label-free validation of :mod:`engine.evaluation`).
+    never their labels: the label-free validation of :mod:`engine.evaluation`), ``pseudo_labels`` and
+    ``sampling`` (module docstring).
     """
 
     def __init__(
@@ -133,8 +157,19 @@ class TrainDataset(Dataset):
         test_labels: Sequence[int] | None = None,
         max_tries: int = 10000,
         held_out: bool = False,
+        pseudo_labels: str = "supervoxels_3d",
+        sampling: str = "adnet",
     ) -> None:
         self.info = get_dataset_info(dataset)
+        self.pseudo_labels = check_pseudo_labels(pseudo_labels)
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        self.sampling = sampling
+        if sampling == "ssl_alpnet" and (n_shot != 1 or n_query != 1 or use_gt):
+            raise ValueError(
+                "sampling='ssl_alpnet' draws 1 support and 1 query from pseudo-labels: expected n_shot=1, "
+                f"n_query=1, use_gt=False; got n_shot={n_shot}, n_query={n_query}, use_gt={use_gt}"
+            )
         if held_out and (use_gt or exclude_label is not None):
             raise ValueError(
                 "held_out episodes read the held-out volumes' images and supervoxels only: use_gt and "
@@ -177,7 +212,9 @@ class TrainDataset(Dataset):
     ) -> list[_Volume]:
         info = self.info
         test_positions = set(info.fold(eval_fold))
-        cases = list_cases(info, data_root, supervoxels=not self.use_gt, n_sv=n_sv)
+        cases = list_cases(
+            info, data_root, supervoxels=not self.use_gt, n_sv=n_sv, pseudo_labels=self.pseudo_labels
+        )
         if len(cases) != info.n_volumes:
             warnings.warn(
                 f"{info.name}: found {len(cases)} of its {info.n_volumes} volumes under {data_root}; folds "
@@ -197,7 +234,10 @@ class TrainDataset(Dataset):
             training = [by_id[int(i)] for i in sorted(set(int(i) for i in case_ids))]
         if not training:
             raise ValueError(f"{info.name}: no {role} volumes for fold {eval_fold} among {len(cases)} cases")
-        volumes = [self._prepare(read_case(case, info, label=not self.held_out)) for case in training]
+        read = (read_case(case, info, label=not self.held_out) for case in training)
+        if self.sampling == "ssl_alpnet":
+            return self._prepare_slices([self._slice_volume(case) for case in read])
+        volumes = [self._prepare(case) for case in read]
         usable = [v for v in volumes if any(len(r) for r in v.runs) and self._has_valid_start(v)]
         if not usable:
             raise ValueError(
@@ -231,13 +271,76 @@ class TrainDataset(Dataset):
             :, 1:
         ]
 
-        allowed = np.ones(n_slices, dtype=bool)
-        if self.exclude_label is not None:
-            holds = np.stack([(case.label.array == v).any(axis=(1, 2)) for v in self.exclude_label], axis=1)
-            allowed = ~(holds.any(axis=1) if self.exclusion == "any" else holds.all(axis=1))
+        allowed = self._allowed(case)
         window = self.n_shot + self.n_query
         runs = [_runs((counts[:, k] > 0) & allowed, window) for k in range(n_classes)]
         return _Volume(case.case_id, image, class_index, classes, counts, allowed, runs)
+
+    def _allowed(self, case: Case) -> np.ndarray:
+        """``(Z,)`` bool: the slices Setting 2 leaves (all without ``exclude_label``), per ground truth."""
+        if self.exclude_label is None:
+            return np.ones(case.image.array.shape[0], dtype=bool)
+        holds = np.stack([(case.label.array == v).any(axis=(1, 2)) for v in self.exclude_label], axis=1)
+        return ~(holds.any(axis=1) if self.exclusion == "any" else holds.all(axis=1))
+
+    def _slice_volume(self, case: Case) -> SliceVolume:
+        ids = case.supervoxel.array
+        return SliceVolume(
+            case_id=case.case_id,
+            source=case.files.supervoxel,
+            image=resize_slices(
+                normalize_volume(case.image.array, case.files.image), self.image_size, nearest=False
+            ),
+            ids=resize_slices(ids, self.image_size, nearest=True),
+            max_ids=ids.reshape(ids.shape[0], -1).max(axis=1),
+            allowed=self._allowed(case),
+        )
+
+    def _prepare_slices(self, volumes: list[SliceVolume]) -> list[SliceVolume]:
+        """SSL-ALPNet sampling: the law over all slices in load order (``slice_p``), the owner of each."""
+        owner = np.concatenate([np.full(len(v.max_ids), k) for k, v in enumerate(volumes)])
+        max_ids = np.concatenate([v.max_ids for v in volumes])
+        try:
+            self.slice_p = slice_law(max_ids, np.concatenate([v.allowed for v in volumes]))
+        except ValueError as error:
+            raise ValueError(
+                f"{self.info.name} fold {self.eval_fold}, cases {[v.case_id for v in volumes]}: {error}"
+            ) from None
+        self.slice_owner = owner
+        self.slice_z = np.concatenate([np.arange(len(v.max_ids)) for v in volumes])
+        one = np.flatnonzero((self.slice_p > 0) & (max_ids == 1))
+        if len(one):
+            volume = volumes[owner[one[0]]]
+            raise ValueError(
+                f"{volume.source}: slice {self.slice_z[one[0]]} has largest id 1 (pseudo_labels="
+                f"{self.pseudo_labels!r}): the official randint(1, max_id) has no id to draw (the "
+                f"notebook's files never have one); {len(one)} such slice(s)"
+            )
+        return volumes
+
+    def _ssl_alpnet_episode(self, rng: np.random.Generator) -> dict[str, torch.Tensor | int]:
+        """SSL-ALPNet's episode (module docstring): one slice, one id, two independent augmentations."""
+        j = int(rng.choice(len(self.slice_p), p=self.slice_p))
+        volume, z = self.volumes[self.slice_owner[j]], int(self.slice_z[j])
+        class_id = int(rng.integers(1, volume.max_ids[z]))
+        pair = []
+        for _ in range(2):  # support, then query
+            image = volume.image[z : z + 1]
+            mask = (volume.ids[z : z + 1] == class_id).astype(np.float32)
+            if self.augment:
+                image = apply_gamma(image, sample_gamma(rng))
+                image, mask = apply_geometry(image, mask, sample_geometry(rng, image.shape))
+            pair.append((image, mask))
+        (supp_img, supp_mask), (qry_img, qry_mask) = pair
+        return {
+            "supp_imgs": torch.from_numpy(to_three_channels(supp_img)),
+            "supp_masks": torch.from_numpy(np.ascontiguousarray(supp_mask, dtype=np.float32)),
+            "qry_imgs": torch.from_numpy(to_three_channels(qry_img)),
+            "qry_labels": torch.from_numpy(qry_mask.astype(np.int64)),
+            "class_id": class_id,
+            "case_id": int(volume.case_id),
+            "slice_indices": torch.tensor([z, z], dtype=torch.int64),
+        }
 
     def _has_valid_start(self, volume: _Volume) -> bool:
         """Whether some class, run and start pass step 4 (so the rejection loop can end)."""
@@ -280,6 +383,8 @@ class TrainDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"episode index {index} out of range 0..{self.length - 1}")
         rng = np.random.default_rng([self.seed, int(index)])
+        if self.sampling == "ssl_alpnet":
+            return self._ssl_alpnet_episode(rng)
         volume = self.volumes[int(rng.integers(len(self.volumes)))]
         k, slices = self._draw_slices(rng, volume)
         if rng.random() < 0.5:

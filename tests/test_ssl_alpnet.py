@@ -240,7 +240,8 @@ def _run(script: str, *overrides: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.e2e
 def test_train_and_test_run_with_method_ssl_alpnet(data_root, tmp_path):
-    """On 3-D supervoxels for now (the 2-D superpixel sampling of the training dataset is not built yet)."""
+    """On 3-D supervoxels for now (train.py does not pass the training dataset's pseudo_labels and
+    sampling yet)."""
     root = make_mini_root(data_root, tmp_path / "data")
     common = (f"data_root={root}", "eval_fold=1", f"path.log_dir={tmp_path / 'runs'}")
     _run("train.py", *common, "n_steps=2", "max_iters_per_load=1", "save_snapshot_every=2")

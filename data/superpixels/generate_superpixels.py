@@ -47,6 +47,7 @@ from data.supervoxels.generate_supervoxels import (
     select_cases,
 )
 from dataloaders import read_volume, write_volume
+from dataloaders.cases import SUPERPIXEL_2D_FOLDER
 from utils import run_cli
 
 #: The notebook's ``fg_thresh`` per dataset, on the images as stored. CMR has none in the notebook (SSL-ALPNet
@@ -55,7 +56,7 @@ FOREGROUND_THRESHOLDS = {"CHAOST2": 1e-4 + 50, "SABS": 1e-4, "CMR": 1e-4 + 50}
 #: The notebook's "MIDDLE" scale.
 FELZENSZWALB_2D = {"scale": 1, "sigma": 1, "min_size": 400}
 #: Output folder under ``<data_root>/<DATASET>/`` and file names (those the official loader reads).
-SUPERPIXEL_FOLDER = "superpixels_2d"
+SUPERPIXEL_FOLDER = SUPERPIXEL_2D_FOLDER
 SUPERPIXEL_PATTERN = "superpix-MIDDLE_{id}.nii.gz"
 MASK_PATTERN = "fgmask_{id}.nii.gz"
 
