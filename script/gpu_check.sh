@@ -68,14 +68,14 @@ failed=0
 if [ "$smoke" = 1 ]; then
     device=cpu; size=32; bench=(--tiny --size 32 --repeats 1 --warmup 0 --eval-chunk 2 --episodes 5 --workers 0 --synthetic-loader)
     train_steps=2; validate=(validate_every=1 label_free_episodes=2 validate_cases=1)
-    run_config=(debug "image_size=$size" max_volumes=2 "test_label=[2]")
+    run_config=(debug "image_size=$size" "test_label=[2]") train_only=(max_volumes=2)
     grid_config=(debug "image_size=$size" n_steps=2 max_volumes=2 "test_label=[2]")
     gpus_per_run=0 util_sampler=""
     limits=(env=60 tests=120 bench=120 train=180 test=120 grid=240)  # hang guards on a busy CI machine
 else
     device=cuda; size=256; bench=(--size 256 --repeats 20 --warmup 5 --eval-chunk 8 --episodes 300 --workers 0 4 8)
     validate=(label_free_episodes=40 validate_cases=2)
-    run_config=(official_script "image_size=$size" pretrained_weights=None num_workers=4)
+    run_config=(official_script "image_size=$size") train_only=(pretrained_weights=None num_workers=4)
     grid_config=(official_script "image_size=$size" pretrained_weights=None n_steps=50 "test_label=[2]"
         validate_every=0 save_snapshot_every=50 max_iters_per_load=50)
     gpus_per_run=1 util_sampler=nvidia-smi
@@ -170,7 +170,8 @@ if [ "$smoke" = 0 ]; then
 fi
 common=(abd_mri setting1 "device=$device" "path.log_dir=$out/runs" exp_str=gpu_check)
 [ -z "$data_root" ] || common+=("data_root=$data_root")
-train=("${common[@]}" "${run_config[@]}" "n_steps=$train_steps" "max_iters_per_load=$train_steps"
+# test.py refuses train.py's keys: those go to train.py only.
+train=("${common[@]}" "${run_config[@]}" "${train_only[@]}" "n_steps=$train_steps" "max_iters_per_load=$train_steps"
     "save_snapshot_every=$train_steps" "print_interval=$(( train_steps < 50 ? 1 : 25 ))" "${validate[@]}")
 sampler_pid=""
 if [ -n "$util_sampler" ]; then

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
+
 
 @dataclass(frozen=True)
 class KillAt:
@@ -230,7 +232,14 @@ def run_forked(
     ``os.waitstatus_to_exitcode`` gives it (0 done, 1 an exception, -9 killed)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # OpenCV's thread pool, alive in this process when an earlier test used it (a pytest-xdist worker runs
+    # many files), must not be copied into the child: there cv2.setNumThreads waits forever on the copied
+    # pool (as train.py's DataLoader workers would; see train.episode_loader). One thread stops the pool.
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
     pid = os.fork()
+    if pid != 0:
+        cv2.setNumThreads(cv_threads)
     if pid == 0:  # the child: never returns into pytest
         code = 1
         try:

@@ -75,19 +75,25 @@ SEGMENT_RUNNING = ".segment-running.json"  # segment.RUNNING
 RANDOM_KILLS = 6
 
 
-def _updates(data: Path, log: Path) -> dict:
+def _test_updates(data: Path, log: Path) -> dict:
+    """The keys test.py shares with the training run (it refuses train.py's own)."""
     return {
         "plugins": [str(PLUGIN)],
         "method": "tiny_difd",
         "region_sampling": "random",
         "data_root": str(data),
         "eval_fold": 1,
+        "path": {"log_dir": str(log)},
+    }
+
+
+def _updates(data: Path, log: Path) -> dict:
+    return _test_updates(data, log) | {
         "max_volumes": 2,
         "validate_every": 2,
         "validate_cases": 1,
         "validate_labels": [2],
         "label_free_episodes": 2,
-        "path": {"log_dir": str(log)},
     }
 
 
@@ -209,7 +215,7 @@ def test_evaluation_killed_never_looks_finished_and_its_rerun_completes(
     data: Path, reference: tuple[Path, float], tmp_path: Path
 ):
     script = load_test_script()
-    updates = _updates(data, tmp_path) | {
+    updates = _test_updates(data, tmp_path) | {
         "reload_model_path": str(reference[0] / "4.pth"),
         "test_label": [2, 1],
     }
@@ -268,6 +274,7 @@ def test_segmentation_killed_never_looks_finished_and_its_rerun_completes(
     _assert_no_temporaries(out_dir)
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
         ["report.json", "image_2.nii.gz", "image_3.nii.gz", "image_2_overlays", "image_3_overlays"]
+        + ["image_2.seg.nrrd", "image_3.seg.nrrd"]
     )
 
 
@@ -327,7 +334,7 @@ def test_evaluation_stops_at_a_full_disk_and_reruns_once_freed(
     disk: Path, data: Path, reference: tuple[Path, float], tmp_path: Path
 ):
     script = load_test_script()
-    updates = _updates(data, disk / "runs") | {
+    updates = _test_updates(data, disk / "runs") | {
         "reload_model_path": str(reference[0] / "4.pth"),
         "test_label": [2],
     }

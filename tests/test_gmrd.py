@@ -292,8 +292,8 @@ def test_train_and_test_run_end_to_end(data_root, tmp_path):
     import json
 
     root = make_mini_root(data_root, tmp_path / "data")
-    common = (f"data_root={root}", "eval_fold=1", f"path.log_dir={tmp_path}", "n_steps=2")
-    _run("train.py", *common)
+    common = (f"data_root={root}", "eval_fold=1", f"path.log_dir={tmp_path}")
+    _run("train.py", *common, "n_steps=2")
     fold = tmp_path / "gmrd_CHAOST2_setting1" / "fold1"
     metrics = json.loads((fold / "train" / "1" / "metrics.json").read_text())
     assert {"query_nll", "align_nll", "total"} <= set(metrics) and "query_boundary" not in metrics

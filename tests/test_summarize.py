@@ -214,7 +214,7 @@ class TestReport:
         assert (grid / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def test_methods_side_by_side(self, tmp_path: Path, capsys):
-        """A grid of three methods (one registered from a plug-in, one not registered here): each beside its
+        """A grid of three methods (one registered from a plug-in), in the registry's order: each beside its
         own reference row, found by name or title; the reference's other methods listed as not run here."""
         grid = tmp_path / "runs"
         for root, method, folds in (
@@ -247,12 +247,12 @@ class TestReport:
             "| difd: this grid (2 fold(s)) | 65.00 ± 5.00" + rk_lk_spleen + " | 46.25 ± 1.25 |",
             "| DIFD [B] | – | – | – | – | 50.00 |",
             "| difference to DIFD | – | – | – | – | −3.75 |",
-            "| tiny_proto: this grid (1 fold(s)) | 60.00 ± 0.00" + rk_lk_spleen + " | 45.00 ± 0.00 |",
-            "| TinyProto [A] | 50.00 | – | – | – | – |",
-            "| difference to TinyProto | +10.00 | – | – | – | – |",
             "| qnet: this grid (1 fold(s)) | 80.00 ± 0.00" + rk_lk_spleen + " | 50.00 ± 0.00 |",
             "| Q-Net [B] | 60.00 | – | – | – | – |",
             "| difference to Q-Net | +20.00 | – | – | – | – |",
+            "| tiny_proto: this grid (1 fold(s)) | 60.00 ± 0.00" + rk_lk_spleen + " | 45.00 ± 0.00 |",
+            "| TinyProto [A] | 50.00 | – | – | – | – |",
+            "| difference to TinyProto | +10.00 | – | – | – | – |",
             "| SSL-ALPNet [B], not run here | 76.10 | – | – | – | – |",
         ], out
         for heading in ("difd", "tiny_proto", "qnet"):
@@ -260,8 +260,8 @@ class TestReport:
         rows = list(csv.DictReader(io.StringIO((grid / "report.csv").read_text())))
         assert [(r["method"], r["reference_method"]) for r in rows if r["class"] == "LIVER"] == [
             ("difd", "DIFD"),
-            ("tiny_proto", "TinyProto"),
             ("qnet", "Q-Net"),
+            ("tiny_proto", "TinyProto"),
         ]
         qnet = next(r for r in rows if r["method"] == "qnet" and r["class"] == "LIVER")
         assert (qnet["fold2"], qnet["reference"], qnet["difference"]) == (
