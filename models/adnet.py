@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.encoder import DEEPLAB_FEATURE_CHANNELS, DeepLabRes101Encoder
+from models.encoder import DEEPLAB_FEATURE_CHANNELS, DeepLabRes101Encoder, encode_episode
 from models.losses import CLASS_WEIGHTS, IGNORE_INDEX, clamped_log
 from models.methods import FewShotOutput, Method, check_episode, check_support, register
 from models.prototypes import MAP_EPS, cosine_map, masked_average, upsample
@@ -101,14 +101,9 @@ class ADNet(nn.Module):
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)``, ``(B, Q, 3, H, W)`` → :class:`ADNetOutput`.
         """
         check_episode(supp_imgs, supp_masks, qry_imgs)
-        b, s = supp_imgs.shape[:2]
-        q = qry_imgs.shape[1]
         size = tuple(supp_imgs.shape[-2:])
-        # One encoder batch for supports and queries, as the official code (BatchNorm statistics in training).
-        feats = self.encoder(torch.cat([supp_imgs.flatten(0, 1), qry_imgs.flatten(0, 1)]))
-        supp_feats = feats[: b * s].unflatten(0, (b, s))
-        qry_feats = feats[b * s :].unflatten(0, (b, q))
-        masks = supp_masks.to(feats.dtype)
+        supp_feats, qry_feats = encode_episode(self.encoder, supp_imgs, qry_imgs)
+        masks = supp_masks.to(supp_feats.dtype)
         prototype = self.prototype(supp_feats, masks)
         fg = self.foreground(qry_feats, prototype)  # (B, Q, h, w)
         query_probs = self.probabilities(fg, size)
@@ -117,7 +112,7 @@ class ADNet(nn.Module):
 
         # Prototype alignment: argmax of [1 - p, p] at the feature size (ties to the background); the query
         # prototype pools the features themselves, over every query of the episode.
-        pred = (fg > 1 - fg).to(feats.dtype)  # (B, Q, h, w)
+        pred = (fg > 1 - fg).to(supp_feats.dtype)  # (B, Q, h, w)
         area = pred.sum((1, 2, 3))
         qry_proto = torch.einsum("bqchw,bqhw->bc", qry_feats, pred) / (area.unsqueeze(1) + MAP_EPS)
         support_probs = self.probabilities(self.foreground(supp_feats, qry_proto), size)

@@ -232,3 +232,12 @@ class DeepLabRes101Encoder(nn.Module):
         x = b["maxpool"](b["relu"](b["bn1"](b["conv1"](x))))
         x = b["layer4"](b["layer3"](b["layer2"](b["layer1"](x))))
         return self.localconv(x)
+
+
+def encode_episode(encoder: nn.Module, supp_imgs: Tensor, qry_imgs: Tensor) -> tuple[Tensor, Tensor]:
+    """Supports and queries through ``encoder`` in one batch (BatchNorm statistics of both in training, as
+    the official codes do). Shape: ``(B, S, 3, H, W)``, ``(B, Q, 3, H, W)`` -> ``(B, S, C, h, w)``,
+    ``(B, Q, C, h, w)``."""
+    b, s = supp_imgs.shape[:2]
+    feats = encoder(torch.cat([supp_imgs.flatten(0, 1), qry_imgs.flatten(0, 1)]))
+    return feats[: b * s].unflatten(0, (b, s)), feats[b * s :].unflatten(0, (b, qry_imgs.shape[1]))

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.encoder import DEEPLAB_FEATURE_CHANNELS, DeepLabRes101Encoder
+from models.encoder import DEEPLAB_FEATURE_CHANNELS, DeepLabRes101Encoder, encode_episode
 from models.losses import IGNORE_INDEX
 from models.methods import FewShotOutput, Method, Option, check_episode, check_support, register
 
@@ -180,20 +180,16 @@ class SSLALPNet(nn.Module):
         Shape: ``(B, S, 3, H, W)``, ``(B, S, H, W)``, ``(B, Q, 3, H, W)`` → :class:`SSLALPNetOutput`.
         """
         check_episode(supp_imgs, supp_masks, qry_imgs)
-        b, s = supp_imgs.shape[:2]
-        q = qry_imgs.shape[1]
         size = tuple(supp_imgs.shape[-2:])
-        feats = self.encoder(torch.cat([supp_imgs.flatten(0, 1), qry_imgs.flatten(0, 1)]))
-        supp_feats = feats[: b * s].unflatten(0, (b, s))
-        qry_feats = feats[b * s :].unflatten(0, (b, q))
-        fg, bg = self._small_masks(supp_masks.to(feats.dtype), feats.shape[-2:])
+        supp_feats, qry_feats = encode_episode(self.encoder, supp_imgs, qry_imgs)
+        fg, bg = self._small_masks(supp_masks.to(supp_feats.dtype), supp_feats.shape[-2:])
         small, valid = class_scores(qry_feats, supp_feats, fg, bg, self.window)
         scores = self._upsample(small, size)
         out = SSLALPNetOutput(torch.softmax(scores, 2), scores, valid)
         if not (self.training if align is None else align):
             return out
         # Alignment: the queries, masked by their argmax at the feature size, as the support.
-        q_fg = (small[:, :, 1] > small[:, :, 0]).to(feats.dtype)
+        q_fg = (small[:, :, 1] > small[:, :, 0]).to(supp_feats.dtype)
         align_small, align_valid = class_scores(supp_feats, qry_feats, q_fg, 1.0 - q_fg, self.train_window)
         out.support_scores = self._upsample(align_small, size)
         out.valid = valid & align_valid
