@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -13,6 +14,11 @@ from config import WEIGHTS_MIRROR_ENV
 from dataloaders import TestDataset
 from tests.run_fixtures import make_mini_root, one_thread
 from utils import resolve_data_root
+
+# No OpenCV thread pool in a pytest process, whatever a test forgets (tests.run_fixtures): a process
+# forked from it (DataLoader workers, tests/kill_points.py) would wait forever in cv2.setNumThreads on the
+# copied pool. pytest-xdist workers run many files, so one test's pool would otherwise reach another's fork.
+cv2.setNumThreads(1)
 
 # Hermetic tests: a train.py that misses its pretrained file tries this (absent) folder, never the internet.
 os.environ[WEIGHTS_MIRROR_ENV] = (Path(__file__).resolve().parent / "no_weights_mirror").as_uri()
