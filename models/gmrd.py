@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from models.losses import CLASS_WEIGHTS, IGNORE_INDEX, clamped_log
+from models.losses import CLASS_WEIGHTS, IGNORE_INDEX, check_query_labels, clamped_log
 from models.methods import FewShotOutput, check_episode, check_support
 from models.prototypes import bilinear_weights, cosine_map, masked_average, upsample
 
@@ -392,11 +392,7 @@ class GMRDLoss(nn.Module):
 
     def forward(self, out: GMRDOutput, qry_labels: Tensor, supp_masks: Tensor) -> dict[str, Tensor]:
         probs = out.query_probs
-        if qry_labels.shape != probs.shape[:2] + probs.shape[3:]:
-            raise ValueError(
-                f"qry_labels: expected shape {tuple(probs.shape[:2] + probs.shape[3:])}, "
-                f"got {tuple(qry_labels.shape)}"
-            )
+        check_query_labels(probs, qry_labels)
         b = probs.shape[0]
         terms = {
             "query_nll": F.nll_loss(

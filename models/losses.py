@@ -63,6 +63,15 @@ def boundary_loss_per_image(probs: Tensor, labels: Tensor) -> Tensor:
     return (1 - bf1).mean(1)
 
 
+def check_query_labels(probs: Tensor, qry_labels: Tensor) -> None:
+    """``qry_labels (B, Q, H, W)`` must match the query probabilities ``(B, Q, 2, H, W)``: ``ValueError``."""
+    if qry_labels.shape != probs.shape[:2] + probs.shape[3:]:
+        raise ValueError(
+            f"qry_labels: expected shape {tuple(probs.shape[:2] + probs.shape[3:])}, "
+            f"got {tuple(qry_labels.shape)}"
+        )
+
+
 class DIFDLoss(nn.Module):
     """Weighted sum of the four DIFD loss terms; a weight of 0 switches a term off (a query term is
     still reported, a switched-off alignment pair is reported as 0 without computing it).
@@ -93,11 +102,7 @@ class DIFDLoss(nn.Module):
 
     def forward(self, out: DIFDOutput, qry_labels: Tensor, supp_masks: Tensor) -> dict[str, Tensor]:
         probs = out.query_probs
-        if qry_labels.shape != probs.shape[:2] + probs.shape[3:]:
-            raise ValueError(
-                f"qry_labels: expected shape {tuple(probs.shape[:2] + probs.shape[3:])}, "
-                f"got {tuple(qry_labels.shape)}"
-            )
+        check_query_labels(probs, qry_labels)
         b, q, k, h, w = probs.shape
         weight = self.class_weights.to(probs.dtype)
         flat_probs = probs.reshape(b * q, k, h, w)
